@@ -1,0 +1,1 @@
+//! QEMU-compatible image locking (OFD byte locks). Filled in by the locking work.
