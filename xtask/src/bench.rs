@@ -1,0 +1,605 @@
+//! `cargo xtask bench`: snapctl against `qemu-img snapshot` on a fully allocated qcow2 image
+//! (`preallocation=metadata`, 1 TiB by default: 16 Mi clusters, all of them referenced, so every
+//! snapshot operation has to touch every refcount). The file is sparse; its metadata takes about
+//! 160 MiB per copy.
+//!
+//! Each operation runs on its own fresh copy, for each tool, with a warm page cache for both. After
+//! every snapctl operation the result is verified (snapshot present/absent, data reverted) and
+//! `qemu-img check` must call the image clean. Peak RSS comes from GNU time (`/usr/bin/time -f %M`).
+//!
+//! Missed targets are reported, not fatal; a command that fails or a wrong result exits 1.
+
+use crate::proc::{TempDir, Workspace, capture, display, run};
+use crate::sysdeps::{GNU_TIME, ensure_gnu_time, ensure_qemu_tools};
+use crate::{Failure, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Instant;
+
+const BASE: &str = "base.qcow2";
+const SNAPPED: &str = "snapped.qcow2";
+const WORK: &str = "work.qcow2";
+const SNAPSHOT: &str = "bench";
+const MIN_FREE: u64 = 2 << 30;
+const RSS_LIMIT_MIB: f64 = 64.0;
+
+#[derive(Debug, PartialEq)]
+struct Options {
+    size: String,
+    criterion: bool,
+}
+
+pub fn run_bench(args: &[String]) -> Result {
+    let options = parse_options(args)?;
+    ensure_qemu_tools()?;
+    let measure_rss = ensure_gnu_time();
+    let workspace = Workspace::locate();
+    run(workspace
+        .cargo()
+        .args(["build", "--release", "-p", "snap-orchestrator"]))?;
+    let snapctl = workspace.binary("release", "snapctl");
+    std::fs::create_dir_all(&workspace.target)
+        .map_err(|err| format!("cannot create {}: {err}", workspace.target.display()))?;
+    let scratch = TempDir::new(&workspace.target, "xtask-bench")?;
+    let free = free_bytes(scratch.path())?;
+    if free < MIN_FREE {
+        return Err(Failure::Failed(format!(
+            "only {:.2} GiB free on the filesystem of {}; the bench needs at least 2 GiB \
+             (each sparse copy of a 1T image holds ~160 MiB of metadata)",
+            free as f64 / f64::from(1u32 << 30),
+            scratch.path().display()
+        )));
+    }
+    let bench = Bench {
+        dir: scratch.path().to_path_buf(),
+        snapctl,
+        measure_rss,
+    };
+    let outcome = bench.run(&options.size);
+    drop(scratch);
+    outcome?;
+    if options.criterion {
+        println!("\n==> cargo bench --workspace");
+        run(workspace.cargo().args(["bench", "--workspace"]))?;
+    }
+    Ok(())
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let mut options = Options {
+        size: "1T".to_string(),
+        criterion: false,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let size = match arg.as_str() {
+            "--criterion" => {
+                options.criterion = true;
+                continue;
+            }
+            "--size" => args.next().cloned(),
+            other => other.strip_prefix("--size=").map(str::to_string),
+        };
+        match size {
+            Some(size) if valid_size(&size) => options.size = size,
+            Some(size) => {
+                return Err(Failure::Usage(format!(
+                    "--size {size}: expected a size like 64G or 1T"
+                )));
+            }
+            None if arg == "--size" => {
+                return Err(Failure::Usage("--size needs a value, e.g. 64G".to_string()));
+            }
+            None => return Err(Failure::Usage(format!("bench: unexpected `{arg}`"))),
+        }
+    }
+    Ok(options)
+}
+
+/// A size qemu-img accepts: digits with an optional k/K/M/G/T/P/E suffix.
+fn valid_size(size: &str) -> bool {
+    let digits = size.trim_end_matches(['k', 'K', 'M', 'G', 'T', 'P', 'E']);
+    !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && size.len() - digits.len() <= 1
+        && digits.chars().any(|c| c != '0')
+}
+
+/// Bytes available to us on the filesystem holding `dir` (`df -Pk`).
+fn free_bytes(dir: &Path) -> std::result::Result<u64, String> {
+    let output = capture(Command::new("df").arg("-Pk").arg(dir))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| format!("cannot read free space of {} from df", dir.display()))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Create,
+    Revert,
+    Delete,
+}
+
+const OPS: [Op; 3] = [Op::Create, Op::Revert, Op::Delete];
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Revert => "revert",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// The speed-up over qemu-img we aim for.
+    fn target(self) -> f64 {
+        match self {
+            Op::Create | Op::Revert => 20.0,
+            Op::Delete => 10.0,
+        }
+    }
+
+    /// Create starts from the plain image; revert and delete need the snapshot to exist.
+    fn source(self) -> &'static str {
+        match self {
+            Op::Create => BASE,
+            Op::Revert | Op::Delete => SNAPPED,
+        }
+    }
+
+    fn qemu_args(self) -> [&'static str; 4] {
+        let flag = match self {
+            Op::Create => "-c",
+            Op::Revert => "-a",
+            Op::Delete => "-d",
+        };
+        ["snapshot", flag, SNAPSHOT, WORK]
+    }
+
+    fn snapctl_args(self) -> [&'static str; 4] {
+        ["disk", self.name(), WORK, SNAPSHOT]
+    }
+}
+
+/// One timed child process.
+struct Timed {
+    seconds: f64,
+    rss_kib: Option<u64>,
+}
+
+/// How snapctl's operation went beyond its exit status.
+struct Row {
+    op: Op,
+    qemu: std::result::Result<Timed, String>,
+    snapctl: std::result::Result<Timed, String>,
+    /// `qemu-img check` of snapctl's result, and whether the result is what the op promised.
+    check: String,
+    verified: std::result::Result<(), String>,
+}
+
+struct Bench {
+    dir: PathBuf,
+    snapctl: PathBuf,
+    measure_rss: bool,
+}
+
+impl Bench {
+    fn run(&self, size: &str) -> std::result::Result<(), String> {
+        println!(
+            "\n==> bench image: {size} qcow2, preallocation=metadata, in {}",
+            self.dir.display()
+        );
+        let created = self.timed(self.tool("qemu-img").args([
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            BASE,
+            size,
+        ]))?;
+        println!("(created in {:.3} s)", created.seconds);
+        run(self.qemu_io("write -P 0xaa 0 64k", BASE))?;
+        println!("\n==> reference: qemu-img check reads all metadata");
+        let reference = self.timed(self.tool("qemu-img").args(["check", BASE]))?;
+
+        println!(
+            "\n==> image with a snapshot '{SNAPSHOT}' (then overwritten) for revert and delete"
+        );
+        self.copy(BASE, SNAPPED)?;
+        run(self
+            .tool("qemu-img")
+            .args(["snapshot", "-c", SNAPSHOT, SNAPPED]))?;
+        run(self.qemu_io("write -P 0xbb 0 64k", SNAPPED))?;
+
+        let mut rows = Vec::new();
+        for op in OPS {
+            println!("\n==> {}: qemu-img", op.name());
+            let qemu = self.fresh(op).and_then(|()| {
+                let timed = self.timed(self.tool("qemu-img").args(op.qemu_args()));
+                self.remove_work();
+                timed
+            });
+            println!("\n==> {}: snapctl", op.name());
+            let mut row = Row {
+                op,
+                qemu,
+                snapctl: Err("not run".to_string()),
+                check: "-".to_string(),
+                verified: Err("not run".to_string()),
+            };
+            row.snapctl = self.fresh(op).and_then(|()| {
+                let mut snapctl = Command::new(&self.snapctl);
+                snapctl.current_dir(&self.dir).args(op.snapctl_args());
+                self.timed(&mut snapctl)
+            });
+            if row.snapctl.is_ok() {
+                row.verified = self.verify(op);
+                row.check = self.check_work();
+            }
+            self.remove_work();
+            rows.push(row);
+        }
+        report(size, &reference, &rows, self.measure_rss);
+        let broken: Vec<String> = rows.iter().flat_map(problems).collect();
+        if broken.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the bench hit errors:\n  {}", broken.join("\n  ")))
+        }
+    }
+
+    fn tool(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.current_dir(&self.dir);
+        command
+    }
+
+    fn qemu_io(&self, request: &str, image: &str) -> Command {
+        let mut command = self.tool("qemu-io");
+        command.args(["-f", "qcow2", "-c", request, image]);
+        command
+    }
+
+    fn copy(&self, from: &str, to: &str) -> std::result::Result<(), String> {
+        run(self.tool("cp").args(["--sparse=always", from, to]))
+    }
+
+    /// A fresh WORK copy of the image `op` starts from.
+    fn fresh(&self, op: Op) -> std::result::Result<(), String> {
+        self.copy(op.source(), WORK)
+    }
+
+    fn remove_work(&self) {
+        let _ = std::fs::remove_file(self.dir.join(WORK));
+    }
+
+    /// Prints and runs `command`, timing it and (with GNU time) taking its peak RSS.
+    fn timed(&self, command: &mut Command) -> std::result::Result<Timed, String> {
+        println!("$ {}", display(command));
+        let rss_file = self.dir.join("rss.txt");
+        let mut child = if self.measure_rss {
+            let mut wrapped = Command::new(GNU_TIME);
+            wrapped
+                .arg("-f")
+                .arg("%M")
+                .arg("-o")
+                .arg(&rss_file)
+                .arg(command.get_program())
+                .args(command.get_args())
+                .current_dir(&self.dir);
+            wrapped
+        } else {
+            let mut plain = Command::new(command.get_program());
+            plain.args(command.get_args()).current_dir(&self.dir);
+            plain
+        };
+        let started = Instant::now();
+        let output = capture(&mut child)?;
+        let seconds = started.elapsed().as_secs_f64();
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+        let rss_kib = self.measure_rss.then(|| peak_rss(&rss_file)).flatten();
+        println!(
+            "({seconds:.3} s{})",
+            rss_kib.map_or(String::new(), |kib| format!(
+                ", peak RSS {:.1} MiB",
+                mib(kib)
+            ))
+        );
+        if output.status.success() {
+            Ok(Timed { seconds, rss_kib })
+        } else {
+            Err(format!("`{}` failed ({})", display(command), output.status))
+        }
+    }
+
+    /// Whether snapctl's result is what the operation promises.
+    fn verify(&self, op: Op) -> std::result::Result<(), String> {
+        let names = self.snapshot_names()?;
+        let has_snapshot = names.iter().any(|name| name == SNAPSHOT);
+        match op {
+            Op::Create | Op::Revert if !has_snapshot => Err(format!(
+                "snapshot '{SNAPSHOT}' missing afterwards (snapshots: {names:?})"
+            )),
+            Op::Delete if has_snapshot => Err(format!("snapshot '{SNAPSHOT}' still present")),
+            Op::Revert => {
+                let read = capture(&mut self.qemu_io("read -P 0xaa 0 64k", WORK))?;
+                if read.status.success() {
+                    Ok(())
+                } else {
+                    Err(
+                        "data not reverted: the first 64 KiB do not hold the snapshot's 0xaa"
+                            .into(),
+                    )
+                }
+            }
+            Op::Create | Op::Delete => Ok(()),
+        }
+    }
+
+    fn snapshot_names(&self) -> std::result::Result<Vec<String>, String> {
+        let mut info = self.tool("qemu-img");
+        info.args(["info", "--output=json", WORK]);
+        let output = capture(&mut info)?;
+        if !output.status.success() {
+            return Err(format!("`{}` failed ({})", display(&info), output.status));
+        }
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .map_err(|err| format!("qemu-img info: {err}"))?;
+        Ok(info
+            .get("snapshots")
+            .and_then(|value| value.as_array())
+            .map(|snapshots| {
+                snapshots
+                    .iter()
+                    .filter_map(|snapshot| Some(snapshot.get("name")?.as_str()?.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `qemu-img check` of WORK, in words (its exit status: 0 clean, 3 leaks, 2 corrupt).
+    fn check_work(&self) -> String {
+        let mut check = self.tool("qemu-img");
+        check.args(["check", WORK]);
+        println!("$ {}", display(&check));
+        match capture(&mut check) {
+            Ok(output) => {
+                let verdict = check_verdict(output.status);
+                println!("({verdict})");
+                if verdict != "clean" {
+                    print!("{}", String::from_utf8_lossy(&output.stdout));
+                    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+                }
+                verdict.to_string()
+            }
+            Err(why) => why,
+        }
+    }
+}
+
+fn check_verdict(status: ExitStatus) -> &'static str {
+    match status.code() {
+        Some(0) => "clean",
+        Some(3) => "leaks only",
+        Some(2) => "CORRUPT",
+        _ => "check failed",
+    }
+}
+
+/// GNU time's `%M` (KiB): the last line of its output file (it may say the command failed first).
+fn peak_rss(file: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn problems(row: &Row) -> Vec<String> {
+    let mut found = Vec::new();
+    let name = row.op.name();
+    if let Err(why) = &row.qemu {
+        found.push(format!("{name} (qemu-img): {why}"));
+    }
+    match &row.snapctl {
+        Err(why) => found.push(format!("{name} (snapctl): {why}")),
+        Ok(_) => {
+            if let Err(why) = &row.verified {
+                found.push(format!("{name} (snapctl): {why}"));
+            }
+            if row.check != "clean" {
+                found.push(format!("{name} (snapctl): qemu-img check: {}", row.check));
+            }
+        }
+    }
+    found
+}
+
+fn report(size: &str, reference: &Timed, rows: &[Row], measured_rss: bool) {
+    let rss = |timed: &Timed| {
+        timed
+            .rss_kib
+            .map_or("n/a".to_string(), |kib| format!("{:.1}", mib(kib)))
+    };
+    println!(
+        "\nsnapctl vs qemu-img snapshot on a {size} qcow2 image (preallocation=metadata), warm page cache"
+    );
+    println!(
+        "reference: qemu-img check (reads all metadata) {:.3} s, peak RSS {} MiB\n",
+        reference.seconds,
+        rss(reference)
+    );
+    print_row([
+        "operation",
+        "qemu-img s",
+        "snapctl s",
+        "ratio",
+        "target",
+        "speed",
+        "snapctl RSS MiB",
+        "RSS<=64",
+        "qemu RSS MiB",
+        "after snapctl",
+    ]);
+    let mut met = 0;
+    let mut goals = 0;
+    for row in rows {
+        let (snapctl_s, ratio, speed, snapctl_rss, rss_ok) = match (&row.qemu, &row.snapctl) {
+            (Ok(qemu), Ok(snapctl)) => {
+                let ratio = qemu.seconds / snapctl.seconds.max(1e-6);
+                let fast = ratio >= row.op.target();
+                let small = snapctl.rss_kib.map(|kib| mib(kib) <= RSS_LIMIT_MIB);
+                met += usize::from(fast) + usize::from(small == Some(true));
+                (
+                    format!("{:.3}", snapctl.seconds),
+                    format!("{ratio:.1}x"),
+                    pass(fast),
+                    rss(snapctl),
+                    small.map_or("n/a", pass),
+                )
+            }
+            (Err(_), Ok(snapctl)) => {
+                let small = snapctl.rss_kib.map(|kib| mib(kib) <= RSS_LIMIT_MIB);
+                met += usize::from(small == Some(true));
+                (
+                    format!("{:.3}", snapctl.seconds),
+                    "-".to_string(),
+                    "n/a",
+                    rss(snapctl),
+                    small.map_or("n/a", pass),
+                )
+            }
+            (_, Err(_)) => (
+                "FAILED".to_string(),
+                "-".to_string(),
+                "fail",
+                "-".to_string(),
+                "fail",
+            ),
+        };
+        goals += 2;
+        let qemu_s = row
+            .qemu
+            .as_ref()
+            .map_or("FAILED".to_string(), |qemu| format!("{:.3}", qemu.seconds));
+        let qemu_rss = row.qemu.as_ref().map_or("-".to_string(), rss);
+        let after = match (&row.snapctl, &row.verified) {
+            (Err(_), _) => "-".to_string(),
+            (Ok(_), Ok(())) => format!("check {}, verified", row.check),
+            (Ok(_), Err(_)) => format!("check {}, WRONG RESULT", row.check),
+        };
+        print_row([
+            row.op.name(),
+            &qemu_s,
+            &snapctl_s,
+            &ratio,
+            &format!(">={}x", row.op.target()),
+            speed,
+            &snapctl_rss,
+            rss_ok,
+            &qemu_rss,
+            &after,
+        ]);
+    }
+    if measured_rss {
+        println!("\ntargets met: {met} of {goals} (speed-up per operation, peak RSS <= 64 MiB)");
+    } else {
+        println!("\ntargets met: {met} of {goals} (peak RSS not measured: {GNU_TIME} missing)");
+    }
+}
+
+fn print_row(cells: [&str; 10]) {
+    let [
+        op,
+        qemu_s,
+        snapctl_s,
+        ratio,
+        target,
+        speed,
+        snapctl_rss,
+        rss_ok,
+        qemu_rss,
+        after,
+    ] = cells;
+    println!(
+        "{op:<9} {qemu_s:>11} {snapctl_s:>11} {ratio:>9} {target:>7} {speed:>6} {snapctl_rss:>16} \
+         {rss_ok:>8} {qemu_rss:>13}  {after}"
+    );
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok { "pass" } else { "fail" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|word| word.to_string()).collect()
+    }
+
+    #[test]
+    fn options() {
+        let defaults = Options {
+            size: "1T".to_string(),
+            criterion: false,
+        };
+        assert_eq!(parse_options(&[]).ok(), Some(defaults));
+        let quick = parse_options(&args(&["--size", "64G", "--criterion"])).ok();
+        assert_eq!(
+            quick,
+            Some(Options {
+                size: "64G".to_string(),
+                criterion: true
+            })
+        );
+        assert!(matches!(
+            parse_options(&args(&["--size=2T"])),
+            Ok(Options { ref size, .. }) if size == "2T"
+        ));
+        for bad in [
+            &["--size"][..],
+            &["--size", "big"],
+            &["--size", "0G"],
+            &["--fast"],
+        ] {
+            assert!(
+                matches!(parse_options(&args(bad)), Err(Failure::Usage(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        for good in ["1T", "64G", "512M", "1073741824", "100k"] {
+            assert!(valid_size(good), "{good}");
+        }
+        for bad in ["", "T", "1TT", "1.5T", "-1G", "0"] {
+            assert!(!valid_size(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn gnu_time_output() {
+        let dir = std::env::temp_dir().join(format!("xtask-rss-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let file = dir.join("rss.txt");
+        let _ = std::fs::write(&file, "Command exited with non-zero status 1\n41124\n");
+        assert_eq!(peak_rss(&file), Some(41124));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
