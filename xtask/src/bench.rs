@@ -456,40 +456,30 @@ fn report(size: &str, reference: &Timed, rows: &[Row], measured_rss: bool) {
     let mut met = 0;
     let mut goals = 0;
     for row in rows {
-        let (snapctl_s, ratio, speed, snapctl_rss, rss_ok) = match (&row.qemu, &row.snapctl) {
-            (Ok(qemu), Ok(snapctl)) => {
-                let ratio = qemu.seconds / snapctl.seconds.max(1e-6);
-                let fast = ratio >= row.op.target();
-                let small = snapctl.rss_kib.map(|kib| mib(kib) <= RSS_LIMIT_MIB);
-                met += usize::from(fast) + usize::from(small == Some(true));
-                (
-                    format!("{:.3}", snapctl.seconds),
-                    format!("{ratio:.1}x"),
-                    pass(fast),
-                    rss(snapctl),
-                    small.map_or("n/a", pass),
-                )
-            }
-            (Err(_), Ok(snapctl)) => {
-                let small = snapctl.rss_kib.map(|kib| mib(kib) <= RSS_LIMIT_MIB);
-                met += usize::from(small == Some(true));
-                (
-                    format!("{:.3}", snapctl.seconds),
-                    "-".to_string(),
-                    "n/a",
-                    rss(snapctl),
-                    small.map_or("n/a", pass),
-                )
-            }
-            (_, Err(_)) => (
-                "FAILED".to_string(),
-                "-".to_string(),
-                "fail",
-                "-".to_string(),
-                "fail",
-            ),
+        // A fast or small wrong result meets no target.
+        let correct = row.snapctl.is_ok() && row.verified.is_ok() && row.check == "clean";
+        let ratio = match (&row.qemu, &row.snapctl) {
+            (Ok(qemu), Ok(snapctl)) => Some(qemu.seconds / snapctl.seconds.max(1e-6)),
+            _ => None,
         };
-        goals += 2;
+        let fast = ratio.map(|ratio| ratio >= row.op.target());
+        let small = row
+            .snapctl
+            .as_ref()
+            .ok()
+            .and_then(|snapctl| snapctl.rss_kib)
+            .map(|kib| mib(kib) <= RSS_LIMIT_MIB);
+        met += usize::from(correct && fast == Some(true))
+            + usize::from(correct && small == Some(true));
+        let snapctl_s = row
+            .snapctl
+            .as_ref()
+            .map_or("FAILED".to_string(), |snapctl| {
+                format!("{:.3}", snapctl.seconds)
+            });
+        let snapctl_rss = row.snapctl.as_ref().map_or("-".to_string(), rss);
+        let ratio = ratio.map_or("-".to_string(), |ratio| format!("{ratio:.1}x"));
+        goals += 1 + usize::from(measured_rss);
         let qemu_s = row
             .qemu
             .as_ref()
@@ -506,9 +496,9 @@ fn report(size: &str, reference: &Timed, rows: &[Row], measured_rss: bool) {
             &snapctl_s,
             &ratio,
             &format!(">={}x", row.op.target()),
-            speed,
+            verdict(fast, correct),
             &snapctl_rss,
-            rss_ok,
+            verdict(small, correct),
             &qemu_rss,
             &after,
         ]);
@@ -539,8 +529,13 @@ fn print_row(cells: [&str; 10]) {
     );
 }
 
-fn pass(ok: bool) -> &'static str {
-    if ok { "pass" } else { "fail" }
+/// pass/fail for a target; a wrong result fails every target, an unmeasured one is n/a.
+fn verdict(met: Option<bool>, correct: bool) -> &'static str {
+    match met {
+        Some(true) if correct => "pass",
+        None if correct => "n/a",
+        _ => "fail",
+    }
 }
 
 #[cfg(test)]

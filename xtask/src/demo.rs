@@ -57,6 +57,13 @@ impl Tour {
 
         self.say("Take an internal snapshot: the image keeps a frozen copy of its tables.");
         run(self.snapctl(&["disk", "create", IMAGE, SNAPSHOT]))?;
+        let mut qemu_list = self.tool("qemu-img");
+        qemu_list.args(["snapshot", "-l", IMAGE]);
+        let output = self.show(&mut qemu_list)?;
+        if !output.status.success() || !String::from_utf8_lossy(&output.stdout).contains(SNAPSHOT) {
+            return Err(format!("QEMU does not see snapshot '{SNAPSHOT}'"));
+        }
+        println!("(QEMU sees the snapshot too: the image is plain qcow2)");
 
         self.say("The 'upgrade' overwrites the data (0xbb).");
         run(self.qemu_io("write -P 0xbb 0 1M"))?;
