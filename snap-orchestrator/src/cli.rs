@@ -1,0 +1,366 @@
+//! The command line, as ../shared/DESIGN.md's CLI contract fixes it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use snap_core::{Error, Result};
+
+use crate::disk;
+
+/// snapctl — snapshots of VM disks and domains on Xen and QEMU/KVM hosts.
+///
+/// Disk snapshots work on qcow2 images directly (internal snapshots, offline: the image must not
+/// be open in a running QEMU). Every change is validated first and committed atomically: a refused
+/// operation leaves the image byte-identical, and a crash leaves either the old or the new image.
+#[derive(Debug, Parser)]
+#[command(
+    name = "snapctl",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// Hypervisor driver for domain commands (default: xen on a Xen dom0, else qemu).
+    #[arg(long, global = true, value_enum)]
+    pub hypervisor: Option<Hypervisor>,
+    /// Where domain snapshot metadata lives.
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPCTL_STATE_DIR",
+        default_value = "/var/lib/snapctl"
+    )]
+    pub state_dir: PathBuf,
+    /// Print what would be done and change nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// More diagnostics on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Hypervisor drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Hypervisor {
+    /// Xen through libxl.
+    Xen,
+    /// QEMU/KVM through QMP.
+    Qemu,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Snapshots of one disk image.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Start, list and destroy domains (not implemented yet).
+    #[command(subcommand)]
+    Domain(DomainCommand),
+    /// Snapshots of a whole domain: all disks plus memory (not implemented yet).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// Disk formats for `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// QEMU qcow2 (v2 or v3).
+    Qcow2,
+    /// Microsoft VHD.
+    Vhd,
+    /// LVM logical volume (/dev/VG/LV or VG/LV).
+    Lvm,
+    /// Ceph RBD image (rbd:POOL/IMAGE).
+    Rbd,
+}
+
+/// Options naming a disk that is open in a running QEMU.
+#[derive(Debug, Clone, Args)]
+pub struct OnlineArgs {
+    /// QMP socket of the QEMU that has the disk open (online operation).
+    #[arg(long, value_name = "SOCKET", requires = "node")]
+    pub qmp: Option<PathBuf>,
+    /// Block node name of the disk in that QEMU.
+    #[arg(long, value_name = "NODE-NAME", requires = "qmp")]
+    pub node: Option<String>,
+}
+
+/// `snapctl disk ...`
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// List a disk's snapshots and backing chain.
+    ///
+    /// Example: snapctl disk list vm.qcow2 --json
+    List {
+        /// The disk image.
+        image: PathBuf,
+        /// Print one JSON object (image, format, virtual_size, snapshots, chain).
+        #[arg(long)]
+        json: bool,
+        /// Do not probe the format; use this one.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        #[command(flatten)]
+        online: OnlineArgs,
+    },
+    /// Take a snapshot: internal (in the image) or, with --external, a new active layer.
+    ///
+    /// Example: snapctl disk create vm.qcow2 before-upgrade
+    Create {
+        /// The disk image.
+        image: PathBuf,
+        /// Name of the new snapshot (unique in the image).
+        name: String,
+        /// Make a new active layer on top of IMAGE instead of an internal snapshot.
+        #[arg(long)]
+        external: bool,
+        /// Path of the new active layer (default DIR/STEM.NAME.EXT).
+        #[arg(long, requires = "external")]
+        overlay: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not probe the format; use this one.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        #[command(flatten)]
+        online: OnlineArgs,
+    },
+    /// Return the disk to a snapshot; its current state is dropped.
+    ///
+    /// Example: snapctl disk revert vm.qcow2 before-upgrade
+    Revert {
+        /// The disk image.
+        image: PathBuf,
+        /// The snapshot (name, or id).
+        #[arg(required_unless_present = "layer", conflicts_with = "layer")]
+        name: Option<String>,
+        /// Revert to a backing layer: IMAGE becomes an empty overlay on it.
+        #[arg(long, value_name = "PATH")]
+        layer: Option<PathBuf>,
+        /// Do not probe the format; use this one.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        #[command(flatten)]
+        online: OnlineArgs,
+    },
+    /// Delete a snapshot; the disk's current state is kept.
+    ///
+    /// Example: snapctl disk delete vm.qcow2 before-upgrade
+    Delete {
+        /// The disk image.
+        image: PathBuf,
+        /// The snapshot (name, or id).
+        #[arg(required_unless_present = "layer", conflicts_with = "layer")]
+        name: Option<String>,
+        /// Merge this backing layer into its child and remove it.
+        #[arg(long, value_name = "PATH")]
+        layer: Option<PathBuf>,
+        /// Do not probe the format; use this one.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        #[command(flatten)]
+        online: OnlineArgs,
+    },
+    /// Check a disk's metadata: rebuild refcounts and compare (exit 0 clean, 3 leaks only,
+    /// 1 corruption).
+    ///
+    /// Example: snapctl disk check vm.qcow2 --json
+    Check {
+        /// The disk image.
+        image: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Do not probe the format; use this one.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+    },
+}
+
+/// `snapctl domain ...` (later work).
+#[derive(Debug, Subcommand)]
+pub enum DomainCommand {
+    /// Start a domain from an xl.cfg file.
+    Start {
+        /// The domain configuration (xl.cfg syntax).
+        cfg: PathBuf,
+    },
+    /// List domains.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a domain (it stays defined with its snapshots).
+    Destroy {
+        /// Domain name.
+        name: String,
+    },
+}
+
+/// `snapctl snapshot ...` (later work).
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot a domain.
+    Create {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// Save memory while the guest runs.
+        #[arg(long)]
+        live: bool,
+        /// Save no memory.
+        #[arg(long)]
+        disk_only: bool,
+        /// External disk snapshots.
+        #[arg(long)]
+        external: bool,
+        /// Freeze guest file systems first.
+        #[arg(long)]
+        quiesce: bool,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Revert a domain to a snapshot.
+    Revert {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// Leave it running.
+        #[arg(long, conflicts_with = "paused")]
+        running: bool,
+        /// Leave it paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Delete a domain snapshot.
+    Delete {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// Also delete its children.
+        #[arg(long, conflicts_with = "children_only")]
+        children: bool,
+        /// Delete only its children.
+        #[arg(long)]
+        children_only: bool,
+        /// Forget the metadata, keep the disks.
+        #[arg(long)]
+        metadata_only: bool,
+    },
+    /// List a domain's snapshots.
+    List {
+        /// Domain name.
+        domain: String,
+        /// Show the tree.
+        #[arg(long)]
+        tree: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot.
+    Info {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a parsed command line; returns the exit code for success paths (errors become exit 1).
+pub async fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Disk(cmd) => disk::run(cmd, cli.dry_run).await,
+        Command::Domain(_) => Err(Error::unsupported(
+            "domain commands are not implemented yet (domain snapshots are upcoming work); use `snapctl disk ...`",
+        )),
+        Command::Snapshot(_) => Err(Error::unsupported(
+            "domain snapshot commands are not implemented yet (upcoming work); use `snapctl disk ...` for disk snapshots",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn contract_forms_parse() {
+        for args in [
+            vec!["snapctl", "disk", "list", "a.qcow2", "--json"],
+            vec!["snapctl", "disk", "create", "a.qcow2", "s1"],
+            vec![
+                "snapctl",
+                "disk",
+                "create",
+                "a.qcow2",
+                "s1",
+                "--external",
+                "--overlay",
+                "b.qcow2",
+            ],
+            vec!["snapctl", "disk", "revert", "a.qcow2", "s1"],
+            vec!["snapctl", "disk", "revert", "a.qcow2", "--layer", "b.qcow2"],
+            vec!["snapctl", "disk", "delete", "a.qcow2", "s1"],
+            vec!["snapctl", "disk", "delete", "a.qcow2", "--layer", "b.qcow2"],
+            vec!["snapctl", "disk", "check", "a.qcow2", "--json"],
+            vec!["snapctl", "--dry-run", "disk", "create", "a.qcow2", "s1"],
+            vec![
+                "snapctl", "disk", "list", "a.qcow2", "--qmp", "/s", "--node", "n",
+            ],
+            vec![
+                "snapctl",
+                "snapshot",
+                "create",
+                "d",
+                "n",
+                "--live",
+                "--disk-only",
+            ],
+            vec![
+                "snapctl",
+                "snapshot",
+                "delete",
+                "d",
+                "n",
+                "--children",
+                "--metadata-only",
+            ],
+            vec![
+                "snapctl",
+                "--state-dir",
+                "/tmp/x",
+                "snapshot",
+                "list",
+                "d",
+                "--tree",
+                "--json",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["snapctl", "disk", "revert", "a.qcow2"]).is_err());
+        assert!(
+            Cli::try_parse_from(["snapctl", "disk", "revert", "a", "s", "--layer", "b"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["snapctl", "disk", "list", "a", "--qmp", "/s"]).is_err());
+    }
+}

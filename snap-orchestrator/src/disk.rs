@@ -1,0 +1,367 @@
+//! `snapctl disk ...`: format detection and dispatch to the backend crates, and output.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use snap_backend_qcow2::{CheckReport, Qcow2Backend, chain::probe_format, check_path};
+use snap_core::io::FileIo;
+use snap_core::{
+    CreateRequest, DiskBackend, DiskFormat, DiskListing, Error, ErrorKind, Result, Target,
+};
+
+use crate::cli::{DiskCommand, FormatArg, OnlineArgs};
+
+/// Runs one `disk` subcommand; returns the exit code.
+pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
+    match cmd {
+        DiskCommand::List {
+            image,
+            json,
+            format,
+            online,
+        } => {
+            refuse_online(&online)?;
+            let backend = backend_for(&image, format)?;
+            let listing = backend.list().await?;
+            if json {
+                println!("{}", listing_json(&listing));
+            } else {
+                print_listing(&listing);
+            }
+            Ok(0)
+        }
+        DiskCommand::Create {
+            image,
+            name,
+            external,
+            overlay,
+            json,
+            format,
+            online,
+        } => {
+            refuse_online(&online)?;
+            snap_core::model::validate_snapshot_name(&name)?;
+            let backend = backend_for(&image, format)?;
+            let request = if external {
+                CreateRequest::External {
+                    name: name.clone(),
+                    overlay,
+                }
+            } else {
+                CreateRequest::Internal { name: name.clone() }
+            };
+            if dry_run {
+                let listing = backend.list().await?;
+                if listing
+                    .snapshots
+                    .iter()
+                    .any(|s| s.name == name || s.id == name)
+                {
+                    return Err(Error::new(
+                        ErrorKind::Exists,
+                        format!("a snapshot named {name:?} already exists"),
+                    )
+                    .with_path(&image));
+                }
+                println!(
+                    "plan: create internal snapshot {name:?} in {} (nothing changed: --dry-run)",
+                    image.display()
+                );
+                return Ok(0);
+            }
+            let outcome = backend.create(&request).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"image": image, "active": outcome.active, "snapshot": {"id": outcome.id, "name": name}})
+                );
+            } else if external {
+                println!("{}", outcome.active.display());
+            } else {
+                println!(
+                    "created snapshot {name:?} (id {}) in {}",
+                    outcome.id.as_deref().unwrap_or("-"),
+                    image.display()
+                );
+            }
+            Ok(0)
+        }
+        DiskCommand::Revert {
+            image,
+            name,
+            layer,
+            format,
+            online,
+        } => {
+            refuse_online(&online)?;
+            let backend = backend_for(&image, format)?;
+            let target = target(name, layer)?;
+            if dry_run {
+                plan_existing(&*backend, &image, &target, "revert to").await?;
+                return Ok(0);
+            }
+            backend.revert(&target).await?;
+            println!("reverted {} to {}", image.display(), describe(&target));
+            Ok(0)
+        }
+        DiskCommand::Delete {
+            image,
+            name,
+            layer,
+            format,
+            online,
+        } => {
+            refuse_online(&online)?;
+            let backend = backend_for(&image, format)?;
+            let target = target(name, layer)?;
+            if dry_run {
+                plan_existing(&*backend, &image, &target, "delete").await?;
+                return Ok(0);
+            }
+            backend.delete(&target).await?;
+            println!("deleted {} from {}", describe(&target), image.display());
+            Ok(0)
+        }
+        DiskCommand::Check {
+            image,
+            json,
+            format,
+        } => {
+            let fmt = detect(&image, format)?;
+            if fmt != DiskFormat::Qcow2 {
+                return Err(unsupported_format(&image, fmt));
+            }
+            let path = image.clone();
+            let report = tokio::task::spawn_blocking(move || check_path(&path))
+                .await
+                .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+            print_check(&image, &report, json);
+            if report.corruptions > 0 {
+                return Err(Error::corrupt(format!(
+                    "{} errors were found on the image; data may be corrupted",
+                    report.corruptions
+                ))
+                .with_path(&image));
+            }
+            Ok(if report.leaks > 0 { 3 } else { 0 })
+        }
+    }
+}
+
+fn refuse_online(online: &OnlineArgs) -> Result<()> {
+    if online.qmp.is_some() {
+        return Err(Error::unsupported(
+            "online operations through QMP (--qmp/--node) are not implemented yet; stop the VM or wait for that work",
+        ));
+    }
+    Ok(())
+}
+
+fn target(name: Option<String>, layer: Option<PathBuf>) -> Result<Target> {
+    match (name, layer) {
+        (Some(name), None) => Ok(Target::Internal(name)),
+        (None, Some(layer)) => Ok(Target::Layer(layer)),
+        _ => Err(Error::invalid(
+            "give either a snapshot NAME or --layer PATH",
+        )),
+    }
+}
+
+fn describe(target: &Target) -> String {
+    match target {
+        Target::Internal(name) => format!("snapshot {name:?}"),
+        Target::Layer(path) => format!("layer {}", path.display()),
+    }
+}
+
+async fn plan_existing(
+    backend: &dyn DiskBackend,
+    image: &Path,
+    target: &Target,
+    verb: &str,
+) -> Result<()> {
+    let listing = backend.list().await?;
+    if let Target::Internal(name) = target {
+        let Some(s) = listing
+            .snapshots
+            .iter()
+            .find(|s| &s.name == name)
+            .or_else(|| listing.snapshots.iter().find(|s| &s.id == name))
+        else {
+            return Err(Error::not_found(format!("no snapshot named {name:?}")).with_path(image));
+        };
+        println!(
+            "plan: {verb} snapshot {:?} (id {}) of {} (nothing changed: --dry-run)",
+            s.name,
+            s.id,
+            image.display()
+        );
+        return Ok(());
+    }
+    Err(Error::unsupported(
+        "layer operations are not implemented yet",
+    ))
+}
+
+/// Decides the disk's format: `--format`, else probed from the file's content.
+fn detect(image: &Path, format: Option<FormatArg>) -> Result<DiskFormat> {
+    if let Some(f) = format {
+        return Ok(match f {
+            FormatArg::Qcow2 => DiskFormat::Qcow2,
+            FormatArg::Vhd => DiskFormat::Vhd,
+            FormatArg::Lvm => DiskFormat::Lvm,
+            FormatArg::Rbd => DiskFormat::Rbd,
+        });
+    }
+    let text = image.to_string_lossy();
+    if text.starts_with("rbd:") {
+        return Ok(DiskFormat::Rbd);
+    }
+    let io = FileIo::open(image, false)?;
+    if std::fs::metadata(image)
+        .map(|m| m.is_dir())
+        .unwrap_or(false)
+    {
+        return Err(Error::invalid("is a directory, not a disk image").with_path(image));
+    }
+    probe_format(&io).map_err(|e| e.with_path(image))
+}
+
+fn unsupported_format(image: &Path, format: DiskFormat) -> Error {
+    let message = match format {
+        DiskFormat::Raw => "not a snapshot-capable image: the content is neither qcow2 nor VHD (a raw file or \
+                            junk). Raw images have no snapshots; convert with `qemu-img convert -O qcow2` first"
+            .to_string(),
+        other => format!("{other} disks are not supported yet"),
+    };
+    Error::new(ErrorKind::Unsupported, message).with_path(image)
+}
+
+fn backend_for(image: &Path, format: Option<FormatArg>) -> Result<Box<dyn DiskBackend>> {
+    match detect(image, format)? {
+        DiskFormat::Qcow2 => Ok(Box::new(Qcow2Backend::new(image))),
+        other => Err(unsupported_format(image, other)),
+    }
+}
+
+/// The contract's `disk list --json` object.
+pub fn listing_json(listing: &DiskListing) -> serde_json::Value {
+    json!({
+        "image": listing.image,
+        "format": listing.format.as_str(),
+        "virtual_size": listing.virtual_size,
+        "snapshots": listing.snapshots.iter().map(|s| json!({
+            "id": s.id,
+            "name": s.name,
+            "vm_state_size": s.vm_state_size,
+            "date": s.date_rfc3339(),
+            "vm_clock_ns": s.vm_clock_ns,
+        })).collect::<Vec<_>>(),
+        "chain": listing.chain.iter().map(|l| json!({"path": l.path, "format": l.format.as_str()})).collect::<Vec<_>>(),
+    })
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let name = UNITS.get(unit).copied().unwrap_or("B");
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {name}")
+    }
+}
+
+fn print_listing(listing: &DiskListing) {
+    println!(
+        "image: {} ({}, virtual size {} = {} bytes)",
+        listing.image.display(),
+        listing.format,
+        human_size(listing.virtual_size),
+        listing.virtual_size
+    );
+    if listing.snapshots.is_empty() {
+        println!("no snapshots");
+    } else {
+        let name_width = listing
+            .snapshots
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let id_width = listing
+            .snapshots
+            .iter()
+            .map(|s| s.id.len())
+            .max()
+            .unwrap_or(2)
+            .max(2);
+        println!(
+            "{:<id_width$}  {:<name_width$}  {:>9}  {:<20}  VM CLOCK",
+            "ID", "NAME", "VM SIZE", "DATE"
+        );
+        for s in &listing.snapshots {
+            let clock = s.vm_clock_ns / 1_000_000;
+            println!(
+                "{:<id_width$}  {:<name_width$}  {:>9}  {:<20}  {:02}:{:02}:{:02}.{:03}",
+                s.id,
+                s.name,
+                human_size(s.vm_state_size),
+                s.date_rfc3339(),
+                clock / 3_600_000,
+                clock / 60_000 % 60,
+                clock / 1000 % 60,
+                clock % 1000
+            );
+        }
+    }
+    if listing.chain.is_empty() {
+        println!("backing chain: none");
+    } else {
+        println!("backing chain (parent first):");
+        for layer in &listing.chain {
+            println!("  {} ({})", layer.path.display(), layer.format);
+        }
+    }
+}
+
+fn print_check(image: &Path, report: &CheckReport, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "image": image,
+                "format": "qcow2",
+                "corruptions": report.corruptions,
+                "leaks": report.leaks,
+                "allocated_clusters": report.allocated_clusters,
+                "total_clusters": report.total_clusters,
+                "image_end_offset": report.image_end_offset,
+                "messages": report.messages,
+            })
+        );
+        return;
+    }
+    for m in &report.messages {
+        println!("{m}");
+    }
+    if report.is_clean() {
+        println!("No errors were found on the image.");
+    }
+    if report.leaks > 0 {
+        println!(
+            "{} leaked clusters were found on the image. This wastes space but harms no data.",
+            report.leaks
+        );
+    }
+    println!(
+        "{}/{} clusters allocated; image end offset {}",
+        report.allocated_clusters, report.total_clusters, report.image_end_offset
+    );
+}
