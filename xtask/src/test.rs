@@ -45,7 +45,15 @@ pub fn run_tests(args: &[String]) -> Result {
             tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
         } else {
             println!("xtask: cargo-nextest is not available; running `cargo test` instead");
-            tests.args(["test", "--workspace", "--no-fail-fast"]);
+            // The test targets nextest would run; doctests are the next step.
+            tests.args([
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "--lib",
+                "--bins",
+                "--tests",
+            ]);
         }
         tests.args(&extra).env("SNAPCTL_BIN", &snapctl);
         if !snapctl.exists() {
@@ -101,7 +109,7 @@ pub fn run_tests(args: &[String]) -> Result {
     }
     let failed: Vec<&str> = steps
         .iter()
-        .filter(|step| !matches!(step.outcome, Outcome::Passed))
+        .filter(|step| matches!(step.outcome, Outcome::Failed(_)))
         .map(|step| step.name)
         .collect();
     if failed.is_empty() {
