@@ -199,6 +199,7 @@ variant_tests! {
     rb64: [("refcount_bits", "64")];
     rb8_c512: [("refcount_bits", "8"), ("cluster_size", "512")];
     rb64_c2m: [("refcount_bits", "64"), ("cluster_size", "2M")];
+    rb64_c512: [("refcount_bits", "64"), ("cluster_size", "512")];
     extl2_c64k: [("extended_l2", "on")];
     extl2_c2m: [("extended_l2", "on"), ("cluster_size", "2M")];
     lazy_refcounts: [("lazy_refcounts", "on")];
