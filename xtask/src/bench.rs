@@ -3,9 +3,9 @@
 //! snapshot operation has to touch every refcount). The file is sparse; its metadata takes about
 //! 160 MiB per copy.
 //!
-//! Each operation runs on its own fresh copy, for each tool, with a warm page cache for both. After
-//! every snapctl operation the result is verified (snapshot present/absent, data reverted) and
-//! `qemu-img check` must call the image clean. Peak RSS comes from GNU time (`/usr/bin/time -f %M`).
+//! Each operation runs on its own fresh copy (`--runs N`: N times, median shown), for each tool,
+//! with a warm page cache for both. After every snapctl operation the result is verified (snapshot
+//! present/absent, data reverted) and `qemu-img check` must call the image clean. Peak RSS comes from GNU time (`/usr/bin/time -f %M`).
 //!
 //! Missed targets are reported, not fatal; a command that fails or a wrong result exits 1.
 
@@ -26,6 +26,8 @@ const RSS_LIMIT_MIB: f64 = 64.0;
 #[derive(Debug, PartialEq)]
 struct Options {
     size: String,
+    /// Each operation this many times (fresh copy each time); the table shows the median.
+    runs: usize,
     criterion: bool,
 }
 
@@ -55,7 +57,7 @@ pub fn run_bench(args: &[String]) -> Result {
         snapctl,
         measure_rss,
     };
-    let outcome = bench.run(&options.size);
+    let outcome = bench.run(&options.size, options.runs);
     drop(scratch);
     outcome?;
     if options.criterion {
@@ -68,29 +70,39 @@ pub fn run_bench(args: &[String]) -> Result {
 fn parse_options(args: &[String]) -> Result<Options> {
     let mut options = Options {
         size: "1T".to_string(),
+        runs: 1,
         criterion: false,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let size = match arg.as_str() {
-            "--criterion" => {
-                options.criterion = true;
-                continue;
-            }
-            "--size" => args.next().cloned(),
-            other => other.strip_prefix("--size=").map(str::to_string),
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_string())),
+            None => (arg.as_str(), None),
         };
-        match size {
-            Some(size) if valid_size(&size) => options.size = size,
-            Some(size) => {
-                return Err(Failure::Usage(format!(
-                    "--size {size}: expected a size like 64G or 1T"
-                )));
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next().cloned())
+                .ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))
+        };
+        match flag {
+            "--criterion" if inline.is_none() => options.criterion = true,
+            "--size" => {
+                options.size = value()?;
+                if !valid_size(&options.size) {
+                    return Err(Failure::Usage(format!(
+                        "--size {}: expected a size like 64G or 1T",
+                        options.size
+                    )));
+                }
             }
-            None if arg == "--size" => {
-                return Err(Failure::Usage("--size needs a value, e.g. 64G".to_string()));
+            "--runs" => {
+                let runs = value()?;
+                options.runs = runs.parse().ok().filter(|runs| *runs >= 1).ok_or_else(|| {
+                    Failure::Usage(format!("--runs {runs}: expected a count of 1 or more"))
+                })?;
             }
-            None => return Err(Failure::Usage(format!("bench: unexpected `{arg}`"))),
+            _ => return Err(Failure::Usage(format!("bench: unexpected `{arg}`"))),
         }
     }
     Ok(options)
@@ -188,7 +200,7 @@ struct Bench {
 }
 
 impl Bench {
-    fn run(&self, size: &str) -> std::result::Result<(), String> {
+    fn run(&self, size: &str, runs: usize) -> std::result::Result<(), String> {
         println!(
             "\n==> bench image: {size} qcow2, preallocation=metadata, in {}",
             self.dir.display()
@@ -219,32 +231,43 @@ impl Bench {
         let mut rows = Vec::new();
         for op in OPS {
             println!("\n==> {}: qemu-img", op.name());
-            let qemu = self.fresh(op).and_then(|()| {
+            let qemu = repeat(runs, || {
+                self.fresh(op)?;
                 let timed = self.timed(self.tool("qemu-img").args(op.qemu_args()));
                 self.remove_work();
                 timed
             });
             println!("\n==> {}: snapctl", op.name());
-            let mut row = Row {
-                op,
-                qemu,
-                snapctl: Err("not run".to_string()),
-                check: "-".to_string(),
-                verified: Err("not run".to_string()),
-            };
-            row.snapctl = self.fresh(op).and_then(|()| {
+            // Every run's result is checked; the row keeps the first problem found.
+            let mut verified = Ok(());
+            let mut check = "clean".to_string();
+            let snapctl = repeat(runs, || {
+                self.fresh(op)?;
                 let mut snapctl = Command::new(&self.snapctl);
                 snapctl.current_dir(&self.dir).args(op.snapctl_args());
-                self.timed(&mut snapctl)
+                let timed = self.timed(&mut snapctl);
+                if timed.is_ok() {
+                    let this_verified = self.verify(op);
+                    let this_check = self.check_work();
+                    if verified.is_ok() {
+                        verified = this_verified;
+                    }
+                    if check == "clean" {
+                        check = this_check;
+                    }
+                }
+                self.remove_work();
+                timed
             });
-            if row.snapctl.is_ok() {
-                row.verified = self.verify(op);
-                row.check = self.check_work();
-            }
-            self.remove_work();
-            rows.push(row);
+            rows.push(Row {
+                op,
+                qemu,
+                snapctl,
+                check,
+                verified,
+            });
         }
-        report(size, &reference, &rows, self.measure_rss);
+        report(size, runs, &reference, &rows, self.measure_rss);
         let broken: Vec<String> = rows.iter().flat_map(problems).collect();
         if broken.is_empty() {
             Ok(())
@@ -383,6 +406,23 @@ impl Bench {
     }
 }
 
+/// Runs `once` `runs` times (stopping at the first failure): the median time, the largest peak RSS.
+fn repeat(
+    runs: usize,
+    mut once: impl FnMut() -> std::result::Result<Timed, String>,
+) -> std::result::Result<Timed, String> {
+    let mut all = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        all.push(once()?);
+    }
+    all.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    let median = all.get(all.len() / 2).map_or(0.0, |timed| timed.seconds);
+    Ok(Timed {
+        seconds: median,
+        rss_kib: all.iter().filter_map(|timed| timed.rss_kib).max(),
+    })
+}
+
 fn check_verdict(status: ExitStatus) -> &'static str {
     match status.code() {
         Some(0) => "clean",
@@ -427,14 +467,20 @@ fn problems(row: &Row) -> Vec<String> {
     found
 }
 
-fn report(size: &str, reference: &Timed, rows: &[Row], measured_rss: bool) {
+fn report(size: &str, runs: usize, reference: &Timed, rows: &[Row], measured_rss: bool) {
     let rss = |timed: &Timed| {
         timed
             .rss_kib
             .map_or("n/a".to_string(), |kib| format!("{:.1}", mib(kib)))
     };
     println!(
-        "\nsnapctl vs qemu-img snapshot on a {size} qcow2 image (preallocation=metadata), warm page cache"
+        "\nsnapctl vs qemu-img snapshot on a {size} qcow2 image (preallocation=metadata), warm page \
+         cache; {}",
+        if runs == 1 {
+            "one run each (use --runs N for medians)".to_string()
+        } else {
+            format!("median of {runs} runs each")
+        }
     );
     println!(
         "reference: qemu-img check (reads all metadata) {:.3} s, peak RSS {} MiB\n",
@@ -550,14 +596,16 @@ mod tests {
     fn options() {
         let defaults = Options {
             size: "1T".to_string(),
+            runs: 1,
             criterion: false,
         };
         assert_eq!(parse_options(&[]).ok(), Some(defaults));
-        let quick = parse_options(&args(&["--size", "64G", "--criterion"])).ok();
+        let quick = parse_options(&args(&["--size", "64G", "--criterion", "--runs=3"])).ok();
         assert_eq!(
             quick,
             Some(Options {
                 size: "64G".to_string(),
+                runs: 3,
                 criterion: true
             })
         );
@@ -569,6 +617,9 @@ mod tests {
             &["--size"][..],
             &["--size", "big"],
             &["--size", "0G"],
+            &["--runs", "0"],
+            &["--runs", "x"],
+            &["--criterion=yes"],
             &["--fast"],
         ] {
             assert!(

@@ -21,9 +21,10 @@ commands:
   test [-- NEXTEST-ARGS...]   install missing test tools (when root), build the workspace, run every
                               test (cargo nextest + doctests), clippy -D warnings and rustfmt --check
   demo                        walk through snapctl disk create/list/revert/delete/check on a temp image
-  bench [--size SIZE] [--criterion]
+  bench [--size SIZE] [--runs N] [--criterion]
                               time snapctl against qemu-img snapshot -c/-a/-d on a fully allocated
-                              qcow2 image (default 1T, sparse); --criterion also runs cargo bench
+                              qcow2 image (default 1T, sparse), median of N runs (default 1);
+                              --criterion also runs cargo bench
   fuzz                        not implemented yet
   guest                       not implemented yet
 ";
