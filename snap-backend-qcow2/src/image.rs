@@ -203,11 +203,8 @@ impl<IO: BlockIo> Qcow2<IO> {
                     "snapshot table starts past the end of the file",
                 ));
             }
-            let avail = (self.file_len - h.snapshots_offset).min(MAX_TABLE_BYTES);
-            let mut table = vec![0u8; avail as usize];
-            self.io.read_exact_at(&mut table, h.snapshots_offset)?;
-            let (entries, len) = snapshot::decode_table(&table, h.nb_snapshots, h.version)
-                .map_err(|e| e.with_offset(h.snapshots_offset))?;
+            let (entries, len) =
+                self.read_snapshot_table(h.snapshots_offset, h.nb_snapshots, h.version)?;
             for (i, sn) in entries.iter().enumerate() {
                 let what = format!("L1 table of snapshot {} ({:?})", sn.id, sn.name);
                 if sn.l1_size as u64 * 8 > MAX_L1_BYTES {
@@ -226,6 +223,65 @@ impl<IO: BlockIo> Qcow2<IO> {
         }
         self.check_overlaps()?;
         Ok(())
+    }
+
+    /// Reads the snapshot table entry by entry, so memory follows the table's real size (not the
+    /// 64 MiB it may have at most).
+    fn read_snapshot_table(
+        &self,
+        offset: u64,
+        count: u32,
+        version: u32,
+    ) -> Result<(Vec<SnapshotEntry>, usize)> {
+        let mut entries = Vec::with_capacity(count.min(1024) as usize);
+        let mut at = 0u64;
+        let mut fixed = [0u8; snapshot::ENTRY_FIXED_LEN];
+        for i in 0..count {
+            let pos = offset + at;
+            let past_end = || {
+                corrupt_at(
+                    pos,
+                    format!("snapshot table entry {i} runs past the end of the file"),
+                )
+            };
+            if pos + fixed.len() as u64 > self.file_len {
+                return Err(past_end());
+            }
+            self.io.read_exact_at(&mut fixed, pos)?;
+            let id_len = crate::format::be16(&fixed, 12).unwrap_or(0) as u64;
+            let name_len = crate::format::be16(&fixed, 14).unwrap_or(0) as u64;
+            let extra_len = crate::format::be32(&fixed, 36).unwrap_or(0) as u64;
+            if extra_len > snapshot::MAX_EXTRA_DATA as u64 {
+                return Err(corrupt_at(
+                    pos,
+                    format!(
+                        "snapshot table entry {i} has {extra_len} bytes of extra data; the limit is 1024"
+                    ),
+                ));
+            }
+            let len = (fixed.len() as u64 + extra_len + id_len + name_len).div_ceil(8) * 8;
+            if at + len > MAX_TABLE_BYTES {
+                return Err(corrupt_at(offset, "snapshot table is larger than 64 MiB"));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            if pos + len > self.file_len {
+                // The padding may be missing at the very end of a file; the entry itself may not.
+                let unpadded = fixed.len() as u64 + extra_len + id_len + name_len;
+                if pos + unpadded > self.file_len {
+                    return Err(past_end());
+                }
+                bytes.truncate(unpadded as usize);
+            }
+            self.io.read_exact_at(&mut bytes, pos)?;
+            bytes.resize(len as usize, 0);
+            let (mut one, _) = snapshot::decode_table(&bytes, 1, version).map_err(|e| {
+                e.context(format!("snapshot table entry {i}"))
+                    .with_offset(pos)
+            })?;
+            entries.append(&mut one);
+            at += len;
+        }
+        Ok((entries, at as usize))
     }
 
     /// Checks that a table lies inside the file, cluster aligned, not over the header.

@@ -26,7 +26,7 @@ use snap_core::{BlockIo, Error, ErrorKind, Result};
 use crate::format::snapshot::{
     self, EXTRA_DATA_LEN, MAX_SNAPSHOTS, MAX_TABLE_BYTES, SnapshotEntry,
 };
-use crate::format::table::{COPIED, L1Entry, L2Entry};
+use crate::format::table::{COPIED, L1Entry, L2Entry, OFFSET_MASK, ZERO};
 use crate::image::{HeaderUpdate, MAX_L1_BYTES, Qcow2};
 use crate::txn::Txn;
 
@@ -255,7 +255,15 @@ impl<IO: BlockIo> Qcow2<IO> {
         self.write_header_fields(&switch)?;
         guard.disarm();
         self.io.flush()?;
-        self.reload()
+        self.reload()?;
+        // Free clusters at the tail (metadata this or an earlier operation moved away from the
+        // end) are cut off: nothing references a cluster whose refcount is 0.
+        let keep = crate::txn::last_used_cluster_end(self)?;
+        if keep < self.file_len {
+            self.io.set_len(keep)?;
+            self.file_len = keep;
+        }
+        Ok(())
     }
 
     /// Re-reads header and tables after a commit.
@@ -322,33 +330,14 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
         old_l2_refcount.insert(l2, img.refcount(l2)?);
     }
     let mut table = vec![0u8; cs as usize];
+    let mut hosts: Vec<u64> = Vec::with_capacity(img.header().l2_entries() as usize);
     for (pass, list) in [(0, &minus), (1, &plus)] {
         for &(l2, n) in list.iter() {
             img.read_l2_into(l2, &mut table)?;
-            for i in 0..img.header().l2_entries() as usize {
-                let entry = geom
-                    .entry(&table, i)
-                    .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
-                let mapping = geom.mapping(entry).map_err(|e| e.with_offset(l2))?;
-                if let Some((first, count)) = geom.referenced_clusters(mapping) {
-                    for c in 0..count {
-                        let host = first + c * cs;
-                        if pass == 1 && txn.refcount(host)? == 0 {
-                            return Err(Error::corrupt(format!(
-                                "data cluster {host:#x} is referenced but its refcount is 0"
-                            ))
-                            .with_offset(l2));
-                        }
-                        txn.add(host, n)?;
-                    }
-                }
-            }
-            if pass == 1 && txn.refcount(l2)? == 0 {
-                return Err(Error::corrupt(format!(
-                    "L2 table {l2:#x} is referenced but its refcount is 0"
-                )));
-            }
-            txn.add(l2, n)?;
+            hosts.clear();
+            collect_referenced(img, &table, l2, &mut hosts)?;
+            txn.add_clusters(&mut hosts, n, pass == 1)?;
+            txn.add_clusters(&mut [l2 >> img.header().cluster_bits], n, pass == 1)?;
         }
     }
 
@@ -356,6 +345,23 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
     let mut replacement: BTreeMap<u64, (u64, bool)> = BTreeMap::new(); // l2 -> (new l2, l1 COPIED)
     let mut l2_offsets: Vec<u64> = added_refs.keys().copied().collect();
     l2_offsets.sort_unstable();
+    // Tables the passes above did not walk (net zero) but the COPIED pass will read are
+    // validated first, so every refusal happens before the first write inside the image.
+    for &l2 in &l2_offsets {
+        if net.get(&l2).copied().unwrap_or(0) != 0
+            || (old_active.contains(&l2) && img.refcount(l2)? >= 2)
+        {
+            continue;
+        }
+        img.read_l2_into(l2, &mut table)?;
+        for i in 0..img.header().l2_entries() as usize {
+            let entry = geom
+                .entry(&table, i)
+                .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
+            geom.mapping(entry).map_err(|e| e.with_offset(l2))?;
+        }
+    }
+    txn.mark_validated();
     for l2 in l2_offsets {
         let refs = added_refs.get(&l2).copied().unwrap_or(0);
         let final_rc = txn.refcount(l2)?;
@@ -372,19 +378,33 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
         img.read_l2_into(l2, &mut table)?;
         let mut fixed = table.clone();
         let mut changed = false;
-        for i in 0..img.header().l2_entries() as usize {
+        // With a table referenced once, each entry is COPIED exactly when its cluster's refcount
+        // is 1; with a shared table, never.
+        let entries = img.header().l2_entries() as usize;
+        let mut data_refcounts: Vec<Option<u64>> = vec![None; entries];
+        if final_rc == 1 {
+            let mut wanted: Vec<(usize, u64)> = Vec::new();
+            for i in 0..entries {
+                let entry = geom
+                    .entry(&table, i)
+                    .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
+                if let Some(host) = copied_candidate(img, entry).map_err(|e| e.with_offset(l2))? {
+                    wanted.push((i, host >> img.header().cluster_bits));
+                }
+            }
+            let clusters: Vec<u64> = wanted.iter().map(|(_, c)| *c).collect();
+            let counts = txn.refcounts_of(&clusters)?;
+            for ((i, _), rc) in wanted.iter().zip(counts) {
+                if let Some(slot) = data_refcounts.get_mut(*i) {
+                    *slot = Some(rc);
+                }
+            }
+        }
+        for (i, data_rc) in data_refcounts.iter().enumerate() {
             let entry = geom
                 .entry(&table, i)
                 .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
-            let mapping = geom.mapping(entry).map_err(|e| e.with_offset(l2))?;
-            let want = if final_rc == 1 && geom.may_be_copied(mapping) {
-                match geom.referenced_clusters(mapping) {
-                    Some((host, _)) => txn.refcount(host)? == 1,
-                    None => false,
-                }
-            } else {
-                false
-            };
+            let want = *data_rc == Some(1);
             if (entry.raw & COPIED != 0) != want {
                 let raw = if want {
                     entry.raw | COPIED
@@ -407,7 +427,7 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
             continue;
         }
         // Move every reference the new L1 tables make from the old table to a corrected copy.
-        let copy = txn.alloc(1)?;
+        let copy = txn.alloc_one()?;
         txn.write_new(copy, &fixed)?;
         let refs_i64 =
             i64::try_from(refs).map_err(|_| Error::corrupt("reference count overflow"))?;
@@ -431,7 +451,7 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
             continue;
         }
         let clusters = bytes_len.div_ceil(cs);
-        let offset = txn.alloc(clusters)?;
+        let offset = txn.alloc_run(clusters)?;
         let mut bytes = vec![0u8; (clusters * cs) as usize];
         for (e, chunk) in l1.iter().zip(bytes.chunks_exact_mut(8)) {
             let out = match replacement.get(&e.l2_offset()) {
@@ -482,7 +502,7 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
         0
     } else {
         let clusters = (table_bytes.len() as u64).div_ceil(cs);
-        let offset = txn.alloc(clusters)?;
+        let offset = txn.alloc_run(clusters)?;
         let mut padded = table_bytes;
         padded.resize((clusters * cs) as usize, 0);
         txn.write_new(offset, &padded)?;
@@ -508,4 +528,59 @@ impl<IO: BlockIo> Qcow2<IO> {
         self.snapshot_table_len = 0;
         self.load_tables()
     }
+}
+
+/// Appends the cluster index of every host cluster the L2 table `table` (at `l2`) references.
+fn collect_referenced<IO: BlockIo>(
+    img: &Qcow2<IO>,
+    table: &[u8],
+    l2: u64,
+    out: &mut Vec<u64>,
+) -> Result<()> {
+    let geom = img.l2_geometry();
+    let cb = img.header().cluster_bits;
+    let cs_mask = img.cluster_size() - 1;
+    let plain_bits = OFFSET_MASK | COPIED | if geom.extended { 0 } else { ZERO };
+    for i in 0..img.header().l2_entries() as usize {
+        let entry = geom
+            .entry(table, i)
+            .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
+        if entry.raw == 0 && entry.bitmap == 0 {
+            continue;
+        }
+        // Fast path: a plain, valid, allocated standard entry (the vast majority).
+        if !geom.extended && entry.raw & !plain_bits == 0 {
+            let host = entry.raw & OFFSET_MASK;
+            if host != 0 && host & cs_mask == 0 {
+                out.push(host >> cb);
+                continue;
+            }
+        }
+        let mapping = geom.mapping(entry).map_err(|e| e.with_offset(l2))?;
+        if let Some((first, count)) = geom.referenced_clusters(mapping) {
+            let first = first >> cb;
+            out.extend(first..first + count);
+        }
+    }
+    Ok(())
+}
+
+/// The host cluster whose refcount decides an L2 entry's COPIED flag, or `None` for entries that
+/// never carry it (unallocated, zero without a cluster, compressed).
+fn copied_candidate<IO: BlockIo>(img: &Qcow2<IO>, entry: L2Entry) -> Result<Option<u64>> {
+    let geom = img.l2_geometry();
+    if entry.raw == 0 && entry.bitmap == 0 {
+        return Ok(None);
+    }
+    if !geom.extended && entry.raw & !(OFFSET_MASK | COPIED | ZERO) == 0 {
+        let host = entry.raw & OFFSET_MASK;
+        if host & (img.cluster_size() - 1) == 0 {
+            return Ok((host != 0).then_some(host));
+        }
+    }
+    let mapping = geom.mapping(entry)?;
+    if !geom.may_be_copied(mapping) {
+        return Ok(None);
+    }
+    Ok(geom.referenced_clusters(mapping).map(|(host, _)| host))
 }

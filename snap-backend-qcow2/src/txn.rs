@@ -24,7 +24,7 @@ use crate::format::refcount::RefcountGeometry;
 use crate::image::Qcow2;
 
 /// Bytes of refcount blocks kept in memory during one operation.
-pub(crate) const REFBLOCK_CACHE_BYTES: u64 = 16 << 20;
+pub(crate) const REFBLOCK_CACHE_BYTES: u64 = 32 << 20;
 /// The highest offset a qcow2 host cluster can have (56-bit offsets).
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 
@@ -46,6 +46,16 @@ pub(crate) struct Txn<'a, IO: BlockIo> {
     relocated: BTreeMap<u64, u64>,
     pending_frees: Vec<u64>,
     wrote: bool,
+    /// Set once every check that can refuse the operation has passed; from then on single
+    /// clusters may be taken from holes inside the image (free in the old state) instead of
+    /// being appended.
+    validated: bool,
+    hole_cursor: u64,
+    hole_block: Option<(u64, Vec<u8>)>,
+    hole_block_index: Option<u64>,
+    hole_allocs: Vec<u64>,
+    old_block_freed: std::collections::HashSet<u64>,
+    hole_taken: std::collections::HashSet<u64>,
 }
 
 impl<IO: BlockIo> std::fmt::Debug for Txn<'_, IO> {
@@ -92,10 +102,153 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
             relocated: BTreeMap::new(),
             pending_frees: Vec::new(),
             wrote: false,
+            validated: false,
+            hole_cursor: 1,
+            hole_block: None,
+            hole_block_index: None,
+            hole_allocs: Vec::new(),
+            old_block_freed: std::collections::HashSet::new(),
+            hole_taken: std::collections::HashSet::new(),
         })
     }
 
-    /// Allocates `clusters` contiguous new clusters. Their refcounts are raised at commit.
+    /// Declares that nothing from here on can refuse the operation (see `validated`).
+    pub(crate) fn mark_validated(&mut self) {
+        self.validated = true;
+    }
+
+    /// Allocates one cluster for new metadata: a hole inside the image once the operation is
+    /// validated (reusing space old operations freed), else appended.
+    pub(crate) fn alloc_one(&mut self) -> Result<u64> {
+        if self.validated {
+            if let Some(offset) = self.find_hole()? {
+                // Counted in `finish`, like appended clusters; no refcount work here, so this
+                // can be called while a refcount block is being evicted.
+                self.hole_allocs.push(offset);
+                self.hole_taken.insert(offset >> self.cluster_bits);
+                self.wrote = true;
+                return Ok(offset);
+            }
+        }
+        self.alloc(1)
+    }
+
+    /// The next cluster below the append area whose old refcount is 0, scanning forward once per
+    /// transaction (clusters freed by this transaction have old refcount > 0, so they are never
+    /// reused before the header switch).
+    fn find_hole(&mut self) -> Result<Option<u64>> {
+        let bits = self.geo.block_entries_bits();
+        let mask = (1u64 << bits) - 1;
+        let end = self.alloc_start >> self.cluster_bits;
+        let mut block_buf = self.hole_block.take().map(|(_, b)| b).unwrap_or_default();
+        let mut loaded = self.hole_block_index;
+        let result = loop {
+            if self.hole_cursor >= end {
+                break None;
+            }
+            let cluster = self.hole_cursor;
+            let block = cluster >> bits;
+            if loaded != Some(block) {
+                let old = self.img.reftable.get(block as usize).copied().unwrap_or(0);
+                block_buf.resize(self.cs as usize, 0);
+                if old == 0 {
+                    block_buf.fill(0);
+                } else {
+                    self.img.io.read_exact_at(&mut block_buf, old)?;
+                }
+                loaded = Some(block);
+            }
+            let start = (cluster & mask) as usize;
+            let limit = (self.geo.block_entries() as usize).min(start + (end - cluster) as usize);
+            match first_zero(self.geo, &block_buf, start, limit) {
+                Some(entry) => {
+                    let found = (block << bits) + entry as u64;
+                    self.hole_cursor = found + 1;
+                    break Some(found << self.cluster_bits);
+                }
+                None => self.hole_cursor = (block + 1) << bits,
+            }
+        };
+        self.hole_block = Some((0, block_buf));
+        self.hole_block_index = loaded;
+        Ok(result)
+    }
+
+    /// Allocates `clusters` contiguous clusters for new metadata: a run of holes once validated,
+    /// else appended.
+    pub(crate) fn alloc_run(&mut self, clusters: u64) -> Result<u64> {
+        if clusters == 1 {
+            return self.alloc_one();
+        }
+        if self.validated {
+            if let Some(offset) = self.find_hole_run(clusters)? {
+                for c in 0..clusters {
+                    self.hole_allocs.push(offset + c * self.cs);
+                    self.hole_taken.insert((offset >> self.cluster_bits) + c);
+                }
+                self.wrote = true;
+                return Ok(offset);
+            }
+        }
+        self.alloc(clusters)
+    }
+
+    /// The first run of `n` clusters below the append area that were free in the old image and
+    /// that this transaction has not taken. A full scan: only used for the rare multi-cluster
+    /// tables (refcount table, large L1 or snapshot tables).
+    fn find_hole_run(&mut self, n: u64) -> Result<Option<u64>> {
+        let bits = self.geo.block_entries_bits();
+        let mask = (1u64 << bits) - 1;
+        let end = self.alloc_start >> self.cluster_bits;
+        let mut block_buf = vec![0u8; self.cs as usize];
+        let mut loaded: Option<u64> = None;
+        let mut run_start = 1u64;
+        let mut cluster = 1u64;
+        while cluster < end {
+            let block = cluster >> bits;
+            if loaded != Some(block) {
+                let old = self.img.reftable.get(block as usize).copied().unwrap_or(0);
+                if old == 0 {
+                    block_buf.fill(0);
+                } else {
+                    self.img.io.read_exact_at(&mut block_buf, old)?;
+                }
+                loaded = Some(block);
+            }
+            let entry = (cluster & mask) as usize;
+            if run_start == cluster {
+                // Not inside a run: jump to the next free entry of this block.
+                let limit =
+                    (self.geo.block_entries() as usize).min(entry + (end - cluster) as usize);
+                match first_zero(self.geo, &block_buf, entry, limit) {
+                    Some(e) => {
+                        cluster = (block << bits) + e as u64;
+                        run_start = cluster;
+                    }
+                    None => {
+                        cluster = (block + 1) << bits;
+                        run_start = cluster;
+                        continue;
+                    }
+                }
+            }
+            let free = self.geo.get(&block_buf, (cluster & mask) as usize) == Some(0)
+                && !self.hole_taken.contains(&cluster);
+            if !free {
+                cluster += 1;
+                run_start = cluster;
+                continue;
+            }
+            if cluster + 1 - run_start >= n {
+                return Ok(Some(run_start << self.cluster_bits));
+            }
+            cluster += 1;
+        }
+        Ok(None)
+    }
+
+    /// Allocates `clusters` contiguous new clusters past the end. Their refcounts are raised at
+    /// commit.
     pub(crate) fn alloc(&mut self, clusters: u64) -> Result<u64> {
         let offset = self.cursor;
         let end = clusters
@@ -114,7 +267,7 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
 
     /// Writes new metadata (only ever into clusters this transaction allocated).
     pub(crate) fn write_new(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        if offset < self.alloc_start {
+        if offset < self.alloc_start && !self.validated {
             return Err(Error::new(
                 ErrorKind::Io,
                 "internal error: write outside the transaction's clusters",
@@ -185,10 +338,10 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
         if let Some(&offset) = self.relocated.get(&index) {
             return Ok(offset);
         }
-        let offset = self.alloc(1)?;
+        let offset = self.alloc_one()?;
         self.relocated.insert(index, offset);
         if let Some(&old) = self.img.reftable.get(index as usize) {
-            if old != 0 {
+            if old != 0 && self.old_block_freed.insert(index) {
                 self.pending_frees.push(old);
             }
         }
@@ -215,46 +368,107 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
     /// image referenced the cluster more often than its refcount says (corruption); above the
     /// width's maximum is an overflow. Both refuse the operation.
     pub(crate) fn add(&mut self, offset: u64, delta: i64) -> Result<u64> {
-        let (block, entry) = self.block_index(offset);
-        self.load(block)?;
+        let mut one = [offset >> self.cluster_bits];
+        self.add_clusters(&mut one, delta, false)?;
+        self.refcount(offset)
+    }
+
+    /// Adds `delta` to the refcount of every cluster index in `clusters` (sorted in place; a
+    /// cluster listed twice gets the delta twice). One cache lookup per run of clusters in the
+    /// same refcount block: this is the hot loop of every operation. With `referenced`, each
+    /// cluster is known to be referenced by the old image, so a refcount of 0 is corruption.
+    pub(crate) fn add_clusters(
+        &mut self,
+        clusters: &mut [u64],
+        delta: i64,
+        referenced: bool,
+    ) -> Result<()> {
+        clusters.sort_unstable();
+        let bits = self.geo.block_entries_bits();
+        let mask = (1u64 << bits) - 1;
         let geo = self.geo;
-        let cluster = offset >> self.cluster_bits;
-        let data = self
-            .cache
-            .get_mut(&block)
-            .ok_or_else(|| Error::corrupt("refcount block cache miss"))?;
-        let old = geo
-            .get(data, entry)
-            .ok_or_else(|| Error::corrupt("refcount index out of range"))?;
-        let new = if delta >= 0 {
-            old.checked_add(delta as u64)
-        } else {
-            old.checked_sub(delta.unsigned_abs())
-        };
-        let new = match new {
-            Some(v) if v <= geo.max_refcount() => v,
-            Some(v) => {
-                return Err(Error::new(
-                    ErrorKind::Overflow,
-                    format!(
-                        "refcount overflow: cluster {cluster} (offset {offset:#x}) would need refcount {v}, but this \
-                         image stores refcounts in {} bits (at most {}); widen them first with `qemu-img amend -o \
-                         refcount_bits=16`",
-                        geo.bits(),
-                        geo.max_refcount()
-                    ),
-                ));
+        let max = geo.max_refcount();
+        let magnitude = delta.unsigned_abs();
+        let mut rest: &[u64] = clusters;
+        while let Some(&first) = rest.first() {
+            let block = first >> bits;
+            let run = rest
+                .iter()
+                .position(|c| c >> bits != block)
+                .unwrap_or(rest.len());
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            self.load(block)?;
+            let data = self
+                .cache
+                .get_mut(&block)
+                .ok_or_else(|| Error::corrupt("refcount block cache miss"))?;
+            for &cluster in now {
+                let entry = (cluster & mask) as usize;
+                let old = geo
+                    .get(data, entry)
+                    .ok_or_else(|| Error::corrupt("refcount index out of range"))?;
+                if referenced && old == 0 {
+                    return Err(refcount_error(cluster << self.cluster_bits, old, None));
+                }
+                let new = if delta >= 0 {
+                    old.checked_add(magnitude)
+                } else {
+                    old.checked_sub(magnitude)
+                };
+                match new {
+                    Some(v) if v <= max => geo.set(data, entry, v)?,
+                    Some(v) => return Err(overflow_error(geo, cluster << self.cluster_bits, v)),
+                    None if delta < 0 => {
+                        return Err(refcount_error(
+                            cluster << self.cluster_bits,
+                            old,
+                            Some(delta),
+                        ));
+                    }
+                    None => {
+                        return Err(overflow_error(geo, cluster << self.cluster_bits, u64::MAX));
+                    }
+                }
             }
-            None if delta < 0 => {
-                return Err(Error::corrupt(format!(
-                    "cluster {cluster} (offset {offset:#x}) is referenced more often than its refcount {old} says"
-                ))
-                .with_offset(offset));
+        }
+        Ok(())
+    }
+
+    /// The refcounts of every cluster index in `clusters` as this transaction has them now.
+    pub(crate) fn refcounts_of(&mut self, clusters: &[u64]) -> Result<Vec<u64>> {
+        let bits = self.geo.block_entries_bits();
+        let mask = (1u64 << bits) - 1;
+        let mut out = Vec::with_capacity(clusters.len());
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for &cluster in clusters {
+            let block = cluster >> bits;
+            if current.as_ref().is_none_or(|(b, _)| *b != block) {
+                current = Some((block, self.block_snapshot(block)?));
             }
-            None => return Err(Error::new(ErrorKind::Overflow, "refcount overflow")),
-        };
-        geo.set(data, entry, new)?;
-        Ok(new)
+            let data = current
+                .as_ref()
+                .map(|(_, d)| d.as_slice())
+                .unwrap_or_default();
+            out.push(self.geo.get(data, (cluster & mask) as usize).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
+    /// A copy of refcount block `index` as this transaction has it (zeros when it has none).
+    fn block_snapshot(&mut self, index: u64) -> Result<Vec<u8>> {
+        if let Some(data) = self.cache.get(&index) {
+            return Ok(data.clone());
+        }
+        let mut block = vec![0u8; self.cs as usize];
+        if let Some(&new_offset) = self.relocated.get(&index) {
+            self.img.io.read_exact_at(&mut block, new_offset)?;
+        } else if let Some(&old) = self.img.reftable.get(index as usize) {
+            if old != 0 {
+                self.img.io.read_exact_at(&mut block, old)?;
+            }
+        }
+        Ok(block)
     }
 
     /// Raises the refcounts of everything allocated since the last sweep, gives every changed
@@ -265,11 +479,35 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
         for i in 0..self.img.header().refcount_table_clusters as u64 {
             self.pending_frees.push(old_rt_offset + i * self.cs);
         }
+        // Blocks evicted before validation went to the end of the file; now that holes may be
+        // used, bring them back in so they are re-homed there (their appended copies are freed).
+        let appended: Vec<(u64, u64)> = self
+            .relocated
+            .iter()
+            .filter(|(_, off)| **off >= self.alloc_start)
+            .map(|(i, o)| (*i, *o))
+            .collect();
+        if self.validated {
+            for (index, offset) in appended {
+                if self.cache.len() >= self.capacity {
+                    break;
+                }
+                self.load(index)?;
+                self.relocated.remove(&index);
+                self.pending_frees.push(offset);
+            }
+        }
         let mut reftable: Option<(u64, u64)> = None;
         loop {
             while let Some(offset) = self.pending_frees.pop() {
                 self.add(offset, -1)?;
             }
+            let mut holes: Vec<u64> = self
+                .hole_allocs
+                .drain(..)
+                .map(|o| o >> self.cluster_bits)
+                .collect();
+            self.add_clusters(&mut holes, 1, false)?;
             while self.counted_upto < self.cursor {
                 let c = self.counted_upto;
                 self.add(c, 1)?;
@@ -284,7 +522,10 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
             for index in unplaced {
                 self.locate(index)?;
             }
-            if !self.pending_frees.is_empty() || self.counted_upto < self.cursor {
+            if !self.pending_frees.is_empty()
+                || !self.hole_allocs.is_empty()
+                || self.counted_upto < self.cursor
+            {
                 continue;
             }
             let last_block = self.relocated.keys().next_back().copied().unwrap_or(0);
@@ -301,8 +542,15 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
             }
             // One spare cluster of table so the common case settles in one round.
             let want = clusters + 1;
-            reftable = Some((self.alloc(want)?, want));
+            reftable = Some((self.alloc_run(want)?, want));
         }
+        tracing::debug!(
+            appended_clusters = (self.cursor - self.alloc_start) / self.cs,
+            hole_cursor = self.hole_cursor,
+            alloc_start_cluster = self.alloc_start / self.cs,
+            relocated_blocks = self.relocated.len(),
+            "refcount structures placed"
+        );
         let Some((rt_offset, rt_clusters)) = reftable else {
             return Err(Error::corrupt(
                 "internal error: no refcount table allocated",
@@ -374,7 +622,7 @@ impl TxnGuard {
 }
 
 /// The end of the last cluster whose stored refcount is non-zero.
-fn last_used_cluster_end<IO: BlockIo>(img: &Qcow2<IO>) -> Result<u64> {
+pub(crate) fn last_used_cluster_end<IO: BlockIo>(img: &Qcow2<IO>) -> Result<u64> {
     let geo = img.refcount_geometry();
     let cs = img.cluster_size();
     let mut block = vec![0u8; cs as usize];
@@ -391,4 +639,57 @@ fn last_used_cluster_end<IO: BlockIo>(img: &Qcow2<IO>) -> Result<u64> {
         }
     }
     Ok(cs)
+}
+
+fn overflow_error(geo: RefcountGeometry, offset: u64, wanted: u64) -> Error {
+    Error::new(
+        ErrorKind::Overflow,
+        format!(
+            "refcount overflow: the cluster at offset {offset:#x} would need refcount {wanted}, but this image \
+             stores refcounts in {} bits (at most {}); widen them first with `qemu-img amend -o refcount_bits=16`",
+            geo.bits(),
+            geo.max_refcount()
+        ),
+    )
+}
+
+fn refcount_error(offset: u64, old: u64, delta: Option<i64>) -> Error {
+    let what = match delta {
+        Some(d) => format!(
+            "would drop by {} below its refcount {old}",
+            d.unsigned_abs()
+        ),
+        None => "is referenced but has refcount 0".to_string(),
+    };
+    Error::corrupt(format!("refcounts are inconsistent: the cluster at offset {offset:#x} {what}; run `snapctl disk check`"))
+        .with_offset(offset)
+}
+
+/// The first entry in `start..limit` of a refcount block whose refcount is 0. Skips eight bytes
+/// at a time where it can: this scan runs over every refcount block of a large image.
+fn first_zero(geo: RefcountGeometry, block: &[u8], start: usize, limit: usize) -> Option<usize> {
+    let mut i = start;
+    if geo.refcount_order == 4 {
+        // 16-bit refcounts: test four entries per u64 for a zero lane.
+        while i < limit && i % 4 != 0 {
+            if geo.get(block, i) == Some(0) {
+                return Some(i);
+            }
+            i += 1;
+        }
+        while i + 4 <= limit {
+            let word = block
+                .get(i * 2..i * 2 + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_ne_bytes)
+                .unwrap_or(0);
+            let has_zero_lane =
+                word.wrapping_sub(0x0001_0001_0001_0001) & !word & 0x8000_8000_8000_8000 != 0;
+            if has_zero_lane {
+                break;
+            }
+            i += 4;
+        }
+    }
+    (i..limit).find(|&e| geo.get(block, e) == Some(0))
 }

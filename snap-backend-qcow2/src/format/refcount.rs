@@ -41,6 +41,18 @@ impl RefcountGeometry {
 
     /// Reads refcount `index` of `block`.
     pub fn get(self, block: &[u8], index: usize) -> Option<u64> {
+        // Fast paths for the byte-aligned widths (16 bits is QEMU's default).
+        match self.refcount_order {
+            3 => return block.get(index).map(|b| *b as u64),
+            4 => {
+                let at = index.checked_mul(2)?;
+                return block
+                    .get(at..at + 2)
+                    .and_then(|b| <[u8; 2]>::try_from(b).ok())
+                    .map(|b| u16::from_be_bytes(b) as u64);
+            }
+            _ => {}
+        }
         let bits = self.bits() as usize;
         if bits < 8 {
             let per_byte = 8 / bits;
@@ -62,8 +74,14 @@ impl RefcountGeometry {
                 format!("refcount {value} does not fit in {} bits", self.bits()),
             ));
         }
-        let bits = self.bits() as usize;
         let out_of_range = || Error::corrupt("refcount index out of block");
+        if self.refcount_order == 4 {
+            let at = index.checked_mul(2).ok_or_else(out_of_range)?;
+            let dst = block.get_mut(at..at + 2).ok_or_else(out_of_range)?;
+            dst.copy_from_slice(&(value as u16).to_be_bytes());
+            return Ok(());
+        }
+        let bits = self.bits() as usize;
         if bits < 8 {
             let per_byte = 8 / bits;
             let byte = block.get_mut(index / per_byte).ok_or_else(out_of_range)?;
