@@ -223,8 +223,21 @@ impl<IO: BlockIo> Qcow2<IO> {
 
     /// Carries out a plan (see the module documentation), then reloads the image's tables.
     fn commit(&mut self, plan: Plan) -> Result<()> {
+        let size = plan.size;
+        self.run_txn(size, |img, txn| stage(img, txn, &plan))
+    }
+
+    /// Runs one copy-on-write transaction: `build` changes refcounts and writes new structures,
+    /// then refcount blocks and table are placed, everything is flushed, one header-sector write
+    /// switches to the new metadata, and a flush makes it durable. Any failure before the switch
+    /// truncates the file back.
+    pub(crate) fn run_txn(
+        &mut self,
+        size: u64,
+        build: impl FnOnce(&Qcow2<IO>, &mut Txn<'_, IO>) -> Result<Staged>,
+    ) -> Result<()> {
         let mut txn = Txn::new(self)?;
-        let staged = match stage(self, &mut txn, &plan) {
+        let staged = match build(self, &mut txn) {
             Ok(staged) => staged,
             Err(e) => {
                 txn.abort()?;
@@ -239,7 +252,7 @@ impl<IO: BlockIo> Qcow2<IO> {
             }
         };
         let switch = HeaderUpdate {
-            size: plan.size,
+            size,
             l1_size: staged.active_l1_size,
             l1_table_offset: staged.active_l1_offset,
             refcount_table_offset: reftable.offset,
@@ -279,11 +292,11 @@ impl<IO: BlockIo> Qcow2<IO> {
 
 /// Where the new active L1 and snapshot table went.
 #[derive(Debug)]
-struct Staged {
-    active_l1_offset: u64,
-    active_l1_size: u32,
-    snapshots_offset: u64,
-    nb_snapshots: u32,
+pub(crate) struct Staged {
+    pub(crate) active_l1_offset: u64,
+    pub(crate) active_l1_size: u32,
+    pub(crate) snapshots_offset: u64,
+    pub(crate) nb_snapshots: u32,
 }
 
 /// Applies the plan's refcount changes and writes its new structures (not the header).
@@ -531,7 +544,7 @@ impl<IO: BlockIo> Qcow2<IO> {
 }
 
 /// Appends the cluster index of every host cluster the L2 table `table` (at `l2`) references.
-fn collect_referenced<IO: BlockIo>(
+pub(crate) fn collect_referenced<IO: BlockIo>(
     img: &Qcow2<IO>,
     table: &[u8],
     l2: u64,

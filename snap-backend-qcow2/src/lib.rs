@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod chain;
 pub mod check;
+pub mod data;
 pub mod format;
 mod image;
 mod internal;
@@ -33,3 +34,4 @@ pub use internal::SnapshotTime;
 
 pub use backend::{LockedImage, Qcow2Backend, check_path, list_path, open_image};
 pub use check::CheckReport;
+pub use data::{GuestRead, Qcow2Disk, RawLayer};

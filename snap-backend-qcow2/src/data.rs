@@ -1,0 +1,453 @@
+//! Guest data: reads through the backing chain, writes with copy-on-write.
+//!
+//! A write never changes a cluster another table may see: every written guest cluster gets a new
+//! host cluster holding its whole new content, and every L2 table on the way is replaced by a new
+//! one, inside one metadata transaction (see [`crate::txn`]). So data a snapshot references is
+//! never overwritten, a crash leaves the old or the new guest view, and a refused write (refcount
+//! overflow: a shared L2 table's entries gain a reference when the table is copied) writes
+//! nothing. Clusters whose refcount is 1 are marked COPIED, as QEMU expects.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+
+use snap_core::io::FileIo;
+use snap_core::{BlockIo, DiskFormat, Error, Result};
+
+use crate::chain::{MAX_CHAIN_DEPTH, probe_format, resolve_backing};
+use crate::format::header::{COMPRESSION_ZSTD, Header};
+use crate::format::table::{COPIED, L1Entry, L2Entry, Mapping};
+use crate::image::Qcow2;
+use crate::internal::{Staged, collect_referenced};
+
+/// Clusters written per metadata transaction by [`Qcow2Disk::write`].
+const WRITE_BATCH_CLUSTERS: usize = 256;
+
+/// Read access to a disk's guest view.
+pub trait GuestRead: Send + Sync + fmt::Debug {
+    /// The guest-visible size in bytes.
+    fn guest_size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`; bytes past the guest size read as zeroes.
+    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A raw file used as a backing layer.
+#[derive(Debug)]
+pub struct RawLayer {
+    io: FileIo,
+    size: u64,
+}
+
+impl RawLayer {
+    /// Opens a raw layer read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        let io = FileIo::open(path, false)?;
+        let size = io.len()?;
+        Ok(RawLayer { io, size })
+    }
+}
+
+impl GuestRead for RawLayer {
+    fn guest_size(&self) -> u64 {
+        self.size
+    }
+    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.io.read_zero_fill(buf, offset)
+    }
+}
+
+/// A qcow2 image with its backing chain opened: the guest's view of the disk.
+pub struct Qcow2Disk<IO> {
+    /// The image.
+    pub image: Qcow2<IO>,
+    backing: Option<Box<dyn GuestRead>>,
+}
+
+impl<IO> fmt::Debug for Qcow2Disk<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Qcow2Disk")
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Disk<FileIo> {
+    /// Opens the qcow2 image at `path` and its backing chain (read-only layers), as the image
+    /// records them: explicit backing formats are trusted, others probed; protocols, `json:`
+    /// names, loops and chains deeper than 64 are refused.
+    pub fn open_path(path: &Path, writable: bool) -> Result<Self> {
+        let io = FileIo::open(path, writable)?;
+        let image = Qcow2::open(io, writable).map_err(|e| e.with_path(path))?;
+        let backing = open_backing(path, &image, 0)?;
+        Ok(Qcow2Disk { image, backing })
+    }
+}
+
+fn open_backing<IO: BlockIo>(
+    path: &Path,
+    image: &Qcow2<IO>,
+    depth: usize,
+) -> Result<Option<Box<dyn GuestRead>>> {
+    let Some(name) = image.header_cluster().backing_file_name() else {
+        return Ok(None);
+    };
+    if depth >= MAX_CHAIN_DEPTH {
+        return Err(Error::unsupported(format!(
+            "backing chain is deeper than {MAX_CHAIN_DEPTH} layers"
+        ))
+        .with_path(path));
+    }
+    let backing_path = resolve_backing(path, &name).map_err(|e| e.with_path(path))?;
+    if std::fs::canonicalize(&backing_path).ok() == std::fs::canonicalize(path).ok() {
+        return Err(Error::corrupt("image is its own backing file").with_path(path));
+    }
+    let io = FileIo::open(&backing_path, false)?;
+    let format = match image.header_cluster().backing_format() {
+        Some(f) => DiskFormat::parse(&f)?,
+        None => probe_format(&io)?,
+    };
+    match format {
+        DiskFormat::Raw => Ok(Some(Box::new(RawLayer::open(&backing_path)?))),
+        DiskFormat::Qcow2 => {
+            let layer = Qcow2::open(io, false).map_err(|e| e.with_path(&backing_path))?;
+            let below = open_backing(&backing_path, &layer, depth + 1)?;
+            Ok(Some(Box::new(Qcow2Disk {
+                image: layer,
+                backing: below,
+            })))
+        }
+        other => Err(
+            Error::unsupported(format!("{other} backing files are not supported yet"))
+                .with_path(path),
+        ),
+    }
+}
+
+impl<IO: BlockIo> Qcow2Disk<IO> {
+    /// Wraps an open image with an optional backing layer.
+    pub fn new(image: Qcow2<IO>, backing: Option<Box<dyn GuestRead>>) -> Self {
+        Qcow2Disk { image, backing }
+    }
+
+    fn check_data_access(&self) -> Result<()> {
+        let h: &Header = self.image.header();
+        if h.crypt_method != 0 {
+            return Err(Error::unsupported(
+                "guest data of encrypted images cannot be read or written",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The L2 entry mapping the guest cluster at `guest` (cluster aligned).
+    fn entry_for(&self, guest: u64) -> Result<L2Entry> {
+        let h = self.image.header();
+        let l1_index = (guest / h.l1_entry_span()) as usize;
+        let l2_index = (guest % h.l1_entry_span()) >> h.cluster_bits;
+        let Some(l1) = self.image.l1.get(l1_index) else {
+            return Ok(L2Entry { raw: 0, bitmap: 0 });
+        };
+        if l1.l2_offset() == 0 {
+            return Ok(L2Entry { raw: 0, bitmap: 0 });
+        }
+        let size = h.l2_entry_size();
+        let mut bytes = [0u8; 16];
+        let slice = bytes.get_mut(..size as usize).unwrap_or_default();
+        self.image
+            .io
+            .read_exact_at(slice, l1.l2_offset() + l2_index * size)?;
+        let raw = crate::format::be64(slice, 0).unwrap_or(0);
+        let bitmap = if size == 16 {
+            crate::format::be64(slice, 8).unwrap_or(0)
+        } else {
+            0
+        };
+        Ok(L2Entry { raw, bitmap })
+    }
+
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read_guest(offset, buf),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads within one guest cluster.
+    fn read_in_cluster(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.image.cluster_size();
+        let cluster = offset & !(cs - 1);
+        let within = offset - cluster;
+        let geom = self.image.l2_geometry();
+        let entry = self.entry_for(cluster)?;
+        match geom.mapping(entry)? {
+            Mapping::Unallocated => self.read_backing(offset, buf),
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Normal { host } => self.image.io.read_zero_fill(buf, host + within),
+            Mapping::Compressed {
+                offset: coff,
+                sectors,
+            } => {
+                let plain = self.decompress(coff, sectors)?;
+                let src = plain
+                    .get(within as usize..within as usize + buf.len())
+                    .ok_or_else(|| Error::corrupt("compressed cluster decompressed short"))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            Mapping::Subclusters { host, alloc, zero } => {
+                let sc = cs / crate::format::table::SUBCLUSTERS as u64;
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let pos = within + done as u64;
+                    let index = (pos / sc) as u32;
+                    let n = ((sc - pos % sc) as usize).min(buf.len() - done);
+                    let part = buf.get_mut(done..done + n).unwrap_or_default();
+                    if alloc & (1 << index) != 0 {
+                        self.image.io.read_zero_fill(part, host + pos)?;
+                    } else if zero & (1 << index) != 0 {
+                        part.fill(0);
+                    } else {
+                        self.read_backing(cluster + pos, part)?;
+                    }
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Inflates a compressed cluster (zlib raw deflate or zstd) to exactly one cluster.
+    fn decompress(&self, offset: u64, sectors: u64) -> Result<Vec<u8>> {
+        let cs = self.image.cluster_size() as usize;
+        let len = (sectors * 512).saturating_sub(offset & 511);
+        if len > 2 * cs as u64 + 512 {
+            return Err(Error::corrupt(
+                "compressed cluster descriptor claims more than two clusters",
+            )
+            .with_offset(offset));
+        }
+        let mut input = vec![0u8; len as usize];
+        self.image.io.read_zero_fill(&mut input, offset)?;
+        let mut out = vec![0u8; cs];
+        if self.image.header().compression_type == COMPRESSION_ZSTD {
+            let mut decoder = zstd::stream::read::Decoder::new(input.as_slice())
+                .map_err(|e| Error::corrupt(format!("zstd: {e}")).with_offset(offset))?;
+            decoder.read_exact(&mut out).map_err(|e| {
+                Error::corrupt(format!("zstd cluster does not inflate to one cluster: {e}"))
+                    .with_offset(offset)
+            })?;
+        } else {
+            let mut inflate = flate2::Decompress::new(false);
+            inflate
+                .decompress(&input, &mut out, flate2::FlushDecompress::Finish)
+                .map_err(|e| Error::corrupt(format!("deflate: {e}")).with_offset(offset))?;
+            if inflate.total_out() != cs as u64 {
+                return Err(
+                    Error::corrupt("compressed cluster does not inflate to one cluster")
+                        .with_offset(offset),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads guest data at `offset` (the range must lie inside the virtual disk).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_data_access()?;
+        let size = self.image.virtual_size();
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(Error::invalid(format!(
+                "read of {} bytes at {offset} is past the disk's end ({size})",
+                buf.len()
+            )));
+        }
+        let cs = self.image.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
+            self.read_in_cluster(pos, buf.get_mut(done..done + n).unwrap_or_default())?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes guest data at `offset` with copy-on-write (see the module documentation).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_data_access()?;
+        let size = self.image.virtual_size();
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(Error::invalid(format!(
+                "write of {} bytes at {offset} is past the disk's end ({size})",
+                data.len()
+            )));
+        }
+        let cs = self.image.cluster_size();
+        let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let cluster = pos & !(cs - 1);
+            let n = ((cs - (pos - cluster)) as usize).min(data.len() - done);
+            // The whole new cluster: the current guest view with the written bytes on top.
+            let valid = (size - cluster).min(cs) as usize;
+            let mut content = vec![0u8; cs as usize];
+            self.read(cluster, content.get_mut(..valid).unwrap_or_default())?;
+            let at = (pos - cluster) as usize;
+            if let (Some(dst), Some(src)) = (content.get_mut(at..at + n), data.get(done..done + n))
+            {
+                dst.copy_from_slice(src);
+            }
+            pending.push((cluster, content));
+            done += n;
+            if pending.len() >= WRITE_BATCH_CLUSTERS {
+                self.write_clusters(std::mem::take(&mut pending))?;
+            }
+        }
+        if !pending.is_empty() {
+            self.write_clusters(pending)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces whole guest clusters in one transaction.
+    fn write_clusters(&mut self, clusters: Vec<(u64, Vec<u8>)>) -> Result<()> {
+        let size = self.image.virtual_size();
+        self.image.run_txn(size, |img, txn| {
+            let h = img.header();
+            let cb = h.cluster_bits;
+            let geom = img.l2_geometry();
+            let entries = h.l2_entries() as usize;
+            // Fresh data clusters, appended (a refusal below truncates them away).
+            let mut by_table: BTreeMap<usize, Vec<(usize, u64)>> = BTreeMap::new();
+            for (guest, content) in &clusters {
+                let host = txn.alloc(1)?;
+                txn.write_new(host, content)?;
+                let l1_index = (guest / h.l1_entry_span()) as usize;
+                let l2_index = ((guest % h.l1_entry_span()) >> cb) as usize;
+                by_table.entry(l1_index).or_default().push((l2_index, host));
+            }
+            // New tables: the old one's entries with the written ones replaced.
+            let mut new_tables: Vec<(usize, Vec<u8>, Vec<usize>)> = Vec::new();
+            let mut table = vec![0u8; h.cluster_size() as usize];
+            let mut hosts = Vec::new();
+            for (l1_index, writes) in &by_table {
+                let old = img.l1.get(*l1_index).copied().unwrap_or(L1Entry(0));
+                if old.l2_offset() != 0 {
+                    img.read_l2_into(old.l2_offset(), &mut table)?;
+                    // The active table stops referencing the old table and, through it, its data.
+                    hosts.clear();
+                    collect_referenced(img, &table, old.l2_offset(), &mut hosts)?;
+                    txn.add_clusters(&mut hosts, -1, false)?;
+                    txn.add(old.l2_offset(), -1)?;
+                } else {
+                    table.fill(0);
+                }
+                let mut fresh = Vec::with_capacity(writes.len());
+                for &(l2_index, host) in writes {
+                    let bitmap = if geom.extended { 0xffff_ffff } else { 0 };
+                    geom.set_entry(&mut table, l2_index, L2Entry { raw: host, bitmap });
+                    fresh.push(l2_index);
+                }
+                new_tables.push((*l1_index, table.clone(), fresh));
+            }
+            for (_, new_table, fresh) in &new_tables {
+                hosts.clear();
+                let mut carried = new_table.clone();
+                for &i in fresh {
+                    geom.set_entry(&mut carried, i, L2Entry { raw: 0, bitmap: 0 });
+                }
+                collect_referenced(img, &carried, 0, &mut hosts)?;
+                // Carried entries may have just dropped to 0 above (their old table was the only
+                // path); this restores them, so no "referenced" check here.
+                txn.add_clusters(&mut hosts, 1, false)?;
+            }
+            txn.mark_validated();
+            // COPIED: fresh clusters have refcount 1; carried ones per their final refcount.
+            let mut new_l1 = img.l1.clone();
+            for (l1_index, mut new_table, fresh) in new_tables {
+                for i in 0..entries {
+                    let Some(entry) = geom.entry(&new_table, i) else {
+                        break;
+                    };
+                    let mapping = geom.mapping(entry)?;
+                    let want = if fresh.contains(&i) {
+                        true
+                    } else if geom.may_be_copied(mapping) {
+                        match geom.referenced_clusters(mapping) {
+                            Some((host, _)) => txn.refcount(host)? == 1,
+                            None => false,
+                        }
+                    } else {
+                        false
+                    };
+                    let raw = if want {
+                        entry.raw | COPIED
+                    } else {
+                        entry.raw & !COPIED
+                    };
+                    geom.set_entry(
+                        &mut new_table,
+                        i,
+                        L2Entry {
+                            raw,
+                            bitmap: entry.bitmap,
+                        },
+                    );
+                }
+                let offset = txn.alloc_one()?;
+                txn.write_new(offset, &new_table)?;
+                if let Some(slot) = new_l1.get_mut(l1_index) {
+                    *slot = L1Entry::new(offset, true);
+                }
+            }
+            let cs = h.cluster_size();
+            let l1_bytes = new_l1.len() as u64 * 8;
+            let l1_clusters = l1_bytes.div_ceil(cs);
+            let l1_offset = txn.alloc_run(l1_clusters)?;
+            let mut bytes = vec![0u8; (l1_clusters * cs) as usize];
+            for (e, chunk) in new_l1.iter().zip(bytes.chunks_exact_mut(8)) {
+                chunk.copy_from_slice(&e.0.to_be_bytes());
+            }
+            txn.write_new(l1_offset, &bytes)?;
+            for c in 0..l1_clusters {
+                txn.free_later(h.l1_table_offset + c * cs);
+            }
+            Ok(Staged {
+                active_l1_offset: l1_offset,
+                active_l1_size: new_l1.len() as u32,
+                snapshots_offset: h.snapshots_offset,
+                nb_snapshots: h.nb_snapshots,
+            })
+        })
+    }
+}
+
+impl<IO: BlockIo> GuestRead for Qcow2Disk<IO> {
+    fn guest_size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let size = self.image.virtual_size();
+        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        self.read(offset, head)
+    }
+}
