@@ -164,6 +164,10 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
                 Some(entry) => {
                     let found = (block << bits) + entry as u64;
                     self.hole_cursor = found + 1;
+                    // A multi-cluster run may already have taken it.
+                    if self.hole_taken.contains(&found) {
+                        continue;
+                    }
                     break Some(found << self.cluster_bits);
                 }
                 None => self.hole_cursor = (block + 1) << bits,
@@ -440,17 +444,27 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
         let bits = self.geo.block_entries_bits();
         let mask = (1u64 << bits) - 1;
         let mut out = Vec::with_capacity(clusters.len());
-        let mut current: Option<(u64, Vec<u8>)> = None;
-        for &cluster in clusters {
-            let block = cluster >> bits;
-            if current.as_ref().is_none_or(|(b, _)| *b != block) {
-                current = Some((block, self.block_snapshot(block)?));
-            }
-            let data = current
-                .as_ref()
-                .map(|(_, d)| d.as_slice())
-                .unwrap_or_default();
-            out.push(self.geo.get(data, (cluster & mask) as usize).unwrap_or(0));
+        let mut rest = clusters;
+        let mut scratch;
+        while let Some(&first) = rest.first() {
+            let block = first >> bits;
+            let run = rest
+                .iter()
+                .position(|c| c >> bits != block)
+                .unwrap_or(rest.len());
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            let data: &[u8] = match self.cache.get(&block) {
+                Some(d) => d,
+                None => {
+                    scratch = self.block_snapshot(block)?;
+                    &scratch
+                }
+            };
+            out.extend(
+                now.iter()
+                    .map(|c| self.geo.get(data, (c & mask) as usize).unwrap_or(0)),
+            );
         }
         Ok(out)
     }

@@ -190,6 +190,13 @@ proptest! {
         run_model("compat=1.1,extended_l2=on", 1 << 20, ops)?;
     }
 
+    /// 512-byte clusters and 64-bit refcounts: multi-cluster L1 and refcount tables, so holes and
+    /// runs of holes are both allocated within one transaction.
+    #[test]
+    fn tiny_clusters_multi_cluster_tables(ops in prop::collection::vec(op_strategy(4 << 20), 1..12)) {
+        run_model("compat=1.1,cluster_size=512,refcount_bits=64", 4 << 20, ops)?;
+    }
+
     #[test]
     fn refcount_bits_2(ops in prop::collection::vec(op_strategy(128 << 10), 1..16)) {
         run_model("compat=1.1,cluster_size=4096,refcount_bits=2", 128 << 10, ops)?;
