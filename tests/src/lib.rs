@@ -648,9 +648,15 @@ pub struct StorageDaemon {
 }
 
 impl StorageDaemon {
-    /// Starts the daemon and waits (at most 10 s) until it holds the image's locks, i.e. until
-    /// `qemu-img info IMG` without `-U` fails.
+    /// Starts the daemon and waits (at most 10 s) until it holds the image's locks.
+    ///
+    /// It waits for the NBD socket first: the daemon opens its block nodes (taking the locks)
+    /// before it starts the NBD server, so the socket means the image is held. Probing with
+    /// `qemu-img info` before that would race: the probe's own shared locks can make the daemon's
+    /// open fail. Once the socket exists, `qemu-img info` without `-U` must fail on the lock.
     pub fn start(img: &Path, socket: &Path) -> Self {
+        let log = socket.with_extension("log");
+        let stderr = fs::File::create(&log).expect("create daemon log");
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
@@ -663,31 +669,32 @@ impl StorageDaemon {
             .args(["--export", "type=nbd,id=e0,node-name=d0,writable=on"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start qemu-storage-daemon");
         let mut daemon = Self { child };
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        while !socket.exists() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("qemu-storage-daemon exited early: {status}");
-            }
-            let r = qemu_img(["info", "-f", "qcow2", p(img)]);
-            if !r.success() {
-                assert!(
-                    r.stderr.contains("lock"),
-                    "qemu-img info failed for another reason\n{}",
-                    r.describe()
+                panic!(
+                    "qemu-storage-daemon exited early: {status}\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
                 );
-                return daemon;
             }
             assert!(
                 Instant::now() < deadline,
-                "qemu-storage-daemon did not lock {} within 10 s",
+                "qemu-storage-daemon did not open {} within 10 s",
                 img.display()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let r = qemu_img(["info", "-f", "qcow2", p(img)]);
+        assert!(
+            !r.success() && r.stderr.contains("lock"),
+            "qemu-storage-daemon should hold the image's locks now\n{}",
+            r.describe()
+        );
+        daemon
     }
 }
 

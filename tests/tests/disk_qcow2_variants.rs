@@ -89,7 +89,7 @@ fn new_writes(l: &Layout) -> Vec<Pattern> {
     l.new.iter().copied().filter(|pt| pt.byte != 0).collect()
 }
 
-/// snapctl creates s1; QEMU reverts to it.
+/// snapctl creates s1, then (after new writes) s2; QEMU reverts to each.
 fn forward(v: &Variant) {
     let dir = TempDir::new().expect("tempdir");
     let img = dir.path().join("disk.qcow2");
@@ -112,16 +112,32 @@ fn forward(v: &Variant) {
     verify_patterns(&img, &l.new, "after overwriting");
     assert_qemu_clean(&img, "after overwriting the snapshotted data");
 
-    // The snapshot's data, seen by QEMU on a copy and then in place.
+    // A second snapshot on top of the first (tables now partly shared, partly copied).
+    snapctl_run(["disk", "create", p(&img), "s2"]).ok();
+    assert_qemu_clean(&img, "after snapctl disk create s2");
+    assert_eq!(qemu_snapshot_names(&img), ["s1", "s2"]);
+    verify_patterns(
+        &img,
+        &l.new,
+        "current data right after snapctl disk create s2",
+    );
+
+    // Each snapshot's data, seen by QEMU on a copy; then s1 in place.
     let copy = dir.path().join("copy.qcow2");
-    cp_sparse(&img, &copy);
-    qemu_img(["snapshot", "-a", "s1", p(&copy)]).ok();
-    verify_patterns(&copy, &l.old, "copy after qemu-img snapshot -a s1");
+    for (snap, data) in [("s1", &l.old), ("s2", &l.new)] {
+        cp_sparse(&img, &copy);
+        qemu_img(["snapshot", "-a", snap, p(&copy)]).ok();
+        verify_patterns(
+            &copy,
+            data,
+            &format!("copy after qemu-img snapshot -a {snap}"),
+        );
+    }
 
     qemu_img(["snapshot", "-a", "s1", p(&img)]).ok();
     verify_patterns(&img, &l.old, "after qemu-img snapshot -a s1");
     assert_qemu_clean(&img, "after qemu-img snapshot -a s1");
-    assert_eq!(qemu_snapshot_names(&img), ["s1"]);
+    assert_eq!(qemu_snapshot_names(&img), ["s1", "s2"]);
 }
 
 /// QEMU creates q1; snapctl reverts to it and deletes it.
