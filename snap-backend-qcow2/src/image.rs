@@ -481,6 +481,17 @@ impl<IO: BlockIo> Qcow2<IO> {
             && self.hc.extension(EXT_BITMAPS).is_some()
     }
 
+    /// How many persistent dirty bitmaps the bitmaps extension declares (0 without one).
+    pub fn persistent_bitmap_count(&self) -> u32 {
+        if !self.has_bitmaps() {
+            return 0;
+        }
+        self.hc
+            .extension(EXT_BITMAPS)
+            .and_then(|d| crate::format::be32(d, 0))
+            .unwrap_or(0)
+    }
+
     /// The full-disk-encryption header's (offset, length), if any.
     pub(crate) fn crypto_header(&self) -> Option<(u64, u64)> {
         let d = self.hc.extension(EXT_CRYPTO)?;

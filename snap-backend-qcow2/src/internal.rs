@@ -163,6 +163,14 @@ impl<IO: BlockIo> Qcow2<IO> {
     pub fn revert_snapshot(&mut self, name_or_id: &str) -> Result<()> {
         self.require_writable()?;
         let index = self.find_snapshot(name_or_id)?;
+        if self.persistent_bitmap_count() > 0 {
+            // A revert changes guest data behind the bitmaps' back: an incremental backup based
+            // on them would silently miss those changes.
+            return Err(Error::unsupported(
+                "image has persistent dirty bitmaps (incremental backup state) that a revert would \
+                 invalidate; remove them first (`qemu-img bitmap --remove IMAGE NAME`)",
+            ));
+        }
         let sn = self
             .snapshots
             .get(index)
