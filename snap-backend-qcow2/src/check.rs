@@ -145,6 +145,27 @@ impl<IO: BlockIo> Qcow2<IO> {
         Ok(report)
     }
 
+    /// The stored refcount of the cluster at `offset`, reading each refcount block once while
+    /// consecutive lookups stay inside it.
+    fn cached_refcount(&self, offset: u64, cache: &mut Option<(u64, Vec<u8>)>) -> Result<u64> {
+        let g = self.refcount_geometry();
+        let cluster = offset >> self.header().cluster_bits;
+        let index = cluster >> g.block_entries_bits();
+        if cache.as_ref().is_none_or(|(i, _)| *i != index) {
+            let mut block = vec![0u8; self.cluster_size() as usize];
+            match self.reftable.get(index as usize) {
+                Some(&b) if b != 0 => self.io.read_exact_at(&mut block, b)?,
+                _ => {}
+            }
+            *cache = Some((index, block));
+        }
+        let entry = (cluster & (g.block_entries() - 1)) as usize;
+        Ok(cache
+            .as_ref()
+            .and_then(|(_, b)| g.get(b, entry))
+            .unwrap_or(0))
+    }
+
     fn walk_l1(
         &self,
         l1: &[L1Entry],
@@ -152,6 +173,7 @@ impl<IO: BlockIo> Qcow2<IO> {
         refs: &mut RebuiltRefs,
         report: &mut CheckReport,
     ) -> Result<()> {
+        let mut rc_cache: Option<(u64, Vec<u8>)> = None;
         let cs = self.cluster_size();
         let cb = self.header().cluster_bits;
         let geom = self.l2_geometry();
@@ -163,7 +185,7 @@ impl<IO: BlockIo> Qcow2<IO> {
             }
             refs.inc(l2 >> cb);
             if active {
-                let rc = self.refcount(l2)?;
+                let rc = self.cached_refcount(l2, &mut rc_cache)?;
                 if (rc == 1) != e.copied() {
                     report.corruption(format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={rc}",
@@ -197,7 +219,7 @@ impl<IO: BlockIo> Qcow2<IO> {
                         report.allocated_clusters += 1;
                     }
                     if active && geom.may_be_copied(mapping) {
-                        let rc = self.refcount(first)?;
+                        let rc = self.cached_refcount(first, &mut rc_cache)?;
                         if (rc == 1) != (entry.raw & COPIED != 0) {
                             report.corruption(format!(
                                 "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",

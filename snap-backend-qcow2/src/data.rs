@@ -375,7 +375,19 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
                 // path); this restores them, so no "referenced" check here.
                 txn.add_clusters(&mut hosts, 1, false)?;
             }
-            txn.mark_validated();
+            let tables: Vec<u64> = img
+                .l1
+                .iter()
+                .map(|e| e.l2_offset())
+                .filter(|o| *o != 0)
+                .collect();
+            crate::txn::validate_metadata_refcounts(img, &tables)?;
+            let cs = h.cluster_size();
+            let old_l1_clusters = (img.l1.len() as u64 * 8).div_ceil(cs);
+            for c in 0..old_l1_clusters {
+                txn.free_later(h.l1_table_offset + c * cs);
+            }
+            txn.mark_validated()?;
             // COPIED: fresh clusters have refcount 1; carried ones per their final refcount.
             let mut new_l1 = img.l1.clone();
             for (l1_index, mut new_table, fresh) in new_tables {
@@ -414,7 +426,6 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
                     *slot = L1Entry::new(offset, true);
                 }
             }
-            let cs = h.cluster_size();
             let l1_bytes = new_l1.len() as u64 * 8;
             let l1_clusters = l1_bytes.div_ceil(cs);
             let l1_offset = txn.alloc_run(l1_clusters)?;
@@ -423,9 +434,6 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
                 chunk.copy_from_slice(&e.0.to_be_bytes());
             }
             txn.write_new(l1_offset, &bytes)?;
-            for c in 0..l1_clusters {
-                txn.free_later(h.l1_table_offset + c * cs);
-            }
             Ok(Staged {
                 active_l1_offset: l1_offset,
                 active_l1_size: new_l1.len() as u32,

@@ -382,7 +382,42 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
             geom.mapping(entry).map_err(|e| e.with_offset(l2))?;
         }
     }
-    txn.mark_validated();
+    // Every L2 table the new L1 tables use keeps at least one reference per use, and none shares
+    // a cluster with another structure (checked now: the copies below are written into holes).
+    let mut claimed: Vec<u64> = added_refs
+        .keys()
+        .copied()
+        .chain(old_active.iter().copied())
+        .collect();
+    claimed.sort_unstable();
+    claimed.dedup();
+    crate::txn::validate_metadata_refcounts(img, &claimed)?;
+    for (&l2, &refs) in &added_refs {
+        if txn.refcount(l2)? < refs {
+            return Err(Error::corrupt(format!(
+                "L2 table {l2:#x} is used {refs} times but its refcount is lower; repair the image with \
+                 `qemu-img check -r all` first"
+            ))
+            .with_offset(l2));
+        }
+    }
+    // The structures the new state drops are freed before validation ends.
+    for (offset, l1) in &plan.dropped {
+        if !l1.is_empty() {
+            let clusters = (l1.len() as u64 * 8).div_ceil(cs);
+            for c in 0..clusters {
+                txn.free_later(offset + c * cs);
+            }
+        }
+    }
+
+    let old = img.header();
+    if old.nb_snapshots > 0 && img.snapshot_table_len > 0 {
+        for c in 0..img.snapshot_table_len.div_ceil(cs) {
+            txn.free_later(old.snapshots_offset + c * cs);
+        }
+    }
+    txn.mark_validated()?;
     for l2 in l2_offsets {
         let refs = added_refs.get(&l2).copied().unwrap_or(0);
         let final_rc = txn.refcount(l2)?;
@@ -484,15 +519,6 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
         txn.write_new(offset, &bytes)?;
         l1_offsets.push(offset);
     }
-    for (offset, l1) in &plan.dropped {
-        if !l1.is_empty() {
-            let clusters = (l1.len() as u64 * 8).div_ceil(cs);
-            for c in 0..clusters {
-                txn.free_later(offset + c * cs);
-            }
-        }
-    }
-
     // 5. The new snapshot table.
     let mut entries = Vec::with_capacity(plan.slots.len());
     for slot in &plan.slots {
@@ -512,12 +538,6 @@ fn stage<IO: BlockIo>(img: &Qcow2<IO>, txn: &mut Txn<'_, IO>, plan: &Plan) -> Re
             ErrorKind::Overflow,
             "snapshot table would exceed QEMU's 64 MiB limit",
         ));
-    }
-    let old = img.header();
-    if old.nb_snapshots > 0 && img.snapshot_table_len > 0 {
-        for c in 0..img.snapshot_table_len.div_ceil(cs) {
-            txn.free_later(old.snapshots_offset + c * cs);
-        }
     }
     let snapshots_offset = if table_bytes.is_empty() {
         0

@@ -56,6 +56,7 @@ pub(crate) struct Txn<'a, IO: BlockIo> {
     hole_allocs: Vec<u64>,
     old_block_freed: std::collections::HashSet<u64>,
     hole_taken: std::collections::HashSet<u64>,
+    reftable_freed: bool,
 }
 
 impl<IO: BlockIo> std::fmt::Debug for Txn<'_, IO> {
@@ -78,6 +79,7 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
     /// Starts a transaction; new clusters go past both the file's end and the last cluster the
     /// refcounts call used.
     pub(crate) fn new(img: &'a Qcow2<IO>) -> Result<Self> {
+        validate_metadata_refcounts(img, &[])?;
         let cs = img.cluster_size();
         let geo = img.refcount_geometry();
         let used_end = last_used_cluster_end(img)?;
@@ -109,12 +111,35 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
             hole_allocs: Vec::new(),
             old_block_freed: std::collections::HashSet::new(),
             hole_taken: std::collections::HashSet::new(),
+            reftable_freed: false,
         })
     }
 
     /// Declares that nothing from here on can refuse the operation (see `validated`).
-    pub(crate) fn mark_validated(&mut self) {
+    ///
+    /// Every free already known is applied first — old tables the new state drops, the old
+    /// refcount table, and the old copies of every refcount block changed so far — so that a
+    /// corrupt image whose structures share clusters is refused here, before anything is written
+    /// inside the file.
+    pub(crate) fn mark_validated(&mut self) -> Result<()> {
+        let old_rt_offset = self.img.header().refcount_table_offset;
+        for i in 0..self.img.header().refcount_table_clusters as u64 {
+            self.pending_frees.push(old_rt_offset + i * self.cs);
+        }
+        self.reftable_freed = true;
+        let changed: Vec<u64> = self.cache.keys().copied().collect();
+        for index in changed {
+            if let Some(&old) = self.img.reftable.get(index as usize) {
+                if old != 0 && self.old_block_freed.insert(index) {
+                    self.pending_frees.push(old);
+                }
+            }
+        }
+        while let Some(offset) = self.pending_frees.pop() {
+            self.add(offset, -1)?;
+        }
         self.validated = true;
+        Ok(())
     }
 
     /// Allocates one cluster for new metadata: a hole inside the image once the operation is
@@ -489,9 +514,11 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
     /// refcount block a new home, sizes a new refcount table, and writes blocks and table. Returns
     /// the new table's location. Nothing the old header points at is touched.
     pub(crate) fn finish(mut self) -> Result<(NewReftable, TxnGuard)> {
-        let old_rt_offset = self.img.header().refcount_table_offset;
-        for i in 0..self.img.header().refcount_table_clusters as u64 {
-            self.pending_frees.push(old_rt_offset + i * self.cs);
+        if !self.reftable_freed {
+            let old_rt_offset = self.img.header().refcount_table_offset;
+            for i in 0..self.img.header().refcount_table_clusters as u64 {
+                self.pending_frees.push(old_rt_offset + i * self.cs);
+            }
         }
         // Blocks evicted before validation went to the end of the file; now that holes may be
         // used, bring them back in so they are re-homed there (their appended copies are freed).
@@ -543,7 +570,15 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
                 continue;
             }
             let last_block = self.relocated.keys().next_back().copied().unwrap_or(0);
-            let entries = (self.img.reftable.len() as u64).max(last_block + 1);
+            // Size from the last block in use, not the old table's length: sizing from the length
+            // (which includes the spare cluster below) would grow the table on every operation.
+            let old_used = self
+                .img
+                .reftable
+                .iter()
+                .rposition(|&e| e != 0)
+                .map_or(0, |i| i as u64 + 1);
+            let entries = old_used.max(last_block + 1);
             let clusters = (entries * 8).div_ceil(self.cs);
             match reftable {
                 Some((_, have)) if have >= clusters => break,
@@ -706,4 +741,76 @@ fn first_zero(geo: RefcountGeometry, block: &[u8], start: usize, limit: usize) -
         }
     }
     (i..limit).find(|&e| geo.get(block, e) == Some(0))
+}
+
+/// Refuses images whose own metadata (header, refcount table and blocks, L1 tables, snapshot
+/// table) has a refcount of 0: such a cluster would look free, and a transaction could place new
+/// metadata over a live structure. Cheap: a few clusters per structure.
+///
+/// `l2_tables` adds L2 tables the operation will rewrite or re-reference: one of them sharing a
+/// cluster with another structure is caught the same way.
+pub(crate) fn validate_metadata_refcounts<IO: BlockIo>(
+    img: &Qcow2<IO>,
+    l2_tables: &[u64],
+) -> Result<()> {
+    let h = img.header();
+    let cs = img.cluster_size();
+    let mut ranges: Vec<(&str, u64, u64)> = vec![
+        ("the header", 0, cs),
+        (
+            "the refcount table",
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+        ),
+        (
+            "the active L1 table",
+            h.l1_table_offset,
+            h.l1_size as u64 * 8,
+        ),
+    ];
+    if h.nb_snapshots > 0 {
+        ranges.push((
+            "the snapshot table",
+            h.snapshots_offset,
+            img.snapshot_table_len,
+        ));
+    }
+    for sn in img.snapshots() {
+        ranges.push((
+            "a snapshot's L1 table",
+            sn.l1_table_offset,
+            sn.l1_size as u64 * 8,
+        ));
+    }
+    for &block in img.reftable.iter().filter(|b| **b != 0) {
+        ranges.push(("a refcount block", block, cs));
+    }
+    for &l2 in l2_tables {
+        ranges.push(("an L2 table", l2, cs));
+    }
+    // Every cluster must have at least as many references as structures claim it: a structure
+    // at refcount 0, or two structures in one cluster, would be freed into a live cluster.
+    let mut claims: std::collections::BTreeMap<u64, (u64, &str)> =
+        std::collections::BTreeMap::new();
+    for (what, offset, len) in ranges {
+        if len == 0 {
+            continue;
+        }
+        let mut cluster = offset & !(cs - 1);
+        while cluster < offset.saturating_add(len) {
+            claims.entry(cluster).or_insert((0, what)).0 += 1;
+            cluster += cs;
+        }
+    }
+    for (cluster, (count, what)) in claims {
+        let refcount = img.refcount(cluster)?;
+        if refcount < count {
+            return Err(Error::corrupt(format!(
+                "{what} at offset {cluster:#x} has refcount {refcount} but {count} metadata structure(s) \
+                 use that cluster, so the image is corrupt; repair it with `qemu-img check -r all` first"
+            ))
+            .with_offset(cluster));
+        }
+    }
+    Ok(())
 }

@@ -202,3 +202,60 @@ proptest! {
         run_model("compat=1.1,cluster_size=4096,refcount_bits=2", 128 << 10, ops)?;
     }
 }
+
+/// Space does not creep: many create / revert / delete cycles leave the refcount table and the
+/// file the size they settle at after the first cycles (freed metadata is reused, the table is
+/// sized from the blocks in use).
+#[test]
+fn repeated_operations_do_not_grow_the_image() {
+    let Some(bytes) = image_bytes("compat=1.1,cluster_size=4096", 1 << 20) else {
+        return;
+    };
+    let io = MemIo::from_bytes(bytes);
+    {
+        let image = Qcow2::open(io.clone(), true).unwrap();
+        let mut disk = Qcow2Disk::new(image, None);
+        disk.write(0, &vec![7u8; 256 << 10]).unwrap();
+    }
+    let time = SnapshotTime {
+        sec: 1_700_000_000,
+        nsec: 0,
+    };
+    let cycle = || {
+        Qcow2::open(io.clone(), true)
+            .unwrap()
+            .create_snapshot("s", time)
+            .unwrap();
+        Qcow2::open(io.clone(), true)
+            .unwrap()
+            .revert_snapshot("s")
+            .unwrap();
+        Qcow2::open(io.clone(), true)
+            .unwrap()
+            .delete_snapshot("s")
+            .unwrap();
+    };
+    for _ in 0..5 {
+        cycle();
+    }
+    let settled_len = io.len().unwrap();
+    let settled_rt = Qcow2::open(io.clone(), false)
+        .unwrap()
+        .header()
+        .refcount_table_clusters;
+    for _ in 0..60 {
+        cycle();
+    }
+    let image = Qcow2::open(io.clone(), false).unwrap();
+    assert!(image.check().unwrap().is_clean());
+    assert_eq!(
+        image.header().refcount_table_clusters,
+        settled_rt,
+        "refcount table grew"
+    );
+    let len = io.len().unwrap();
+    assert!(
+        len <= settled_len + 8 * 4096,
+        "file grew from {settled_len} to {len} bytes over 60 cycles"
+    );
+}
