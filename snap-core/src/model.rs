@@ -75,12 +75,11 @@ pub struct SnapshotInfo {
 }
 
 impl SnapshotInfo {
-    /// The creation time as RFC 3339 (UTC).
+    /// The creation time as RFC 3339 (UTC), to the second (as `qemu-img snapshot -l` shows it).
     pub fn date_rfc3339(&self) -> String {
         let secs = i64::try_from(self.date_sec).unwrap_or(i64::MAX);
         time::OffsetDateTime::from_unix_timestamp(secs)
             .ok()
-            .and_then(|t| t.replace_nanosecond(self.date_nsec).ok())
             .and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
                     .ok()
