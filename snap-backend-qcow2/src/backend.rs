@@ -133,9 +133,13 @@ impl DiskBackend for Qcow2Backend {
                 })
                 .await
             }
-            CreateRequest::External { .. } => Err(Error::unsupported(
-                "external qcow2 snapshots (--external) are not implemented yet",
-            )),
+            CreateRequest::External { name, overlay } => {
+                self.blocking(move |path| {
+                    let active = crate::external::create_external(&path, &name, overlay)?;
+                    Ok(CreateOutcome { active, id: None })
+                })
+                .await
+            }
         }
     }
 
@@ -151,9 +155,10 @@ impl DiskBackend for Qcow2Backend {
                 })
                 .await
             }
-            Target::Layer(_) => Err(Error::unsupported(
-                "reverting to a backing layer (--layer) is not implemented yet",
-            )),
+            Target::Layer(layer) => {
+                self.blocking(move |path| crate::external::revert_to_layer(&path, &layer))
+                    .await
+            }
         }
     }
 
@@ -169,9 +174,12 @@ impl DiskBackend for Qcow2Backend {
                 })
                 .await
             }
-            Target::Layer(_) => Err(Error::unsupported(
-                "deleting a backing layer (--layer) is not implemented yet",
-            )),
+            Target::Layer(layer) => {
+                self.blocking(move |path| {
+                    crate::external::delete_layer(&path, &layer, |_, _| true).map(|_| ())
+                })
+                .await
+            }
         }
     }
 }

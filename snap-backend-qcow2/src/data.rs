@@ -84,6 +84,14 @@ impl Qcow2Disk<FileIo> {
     }
 }
 
+/// Opens the backing chain of `image` (found at `path`) for reading.
+pub(crate) fn open_backing_of<IO: BlockIo>(
+    path: &Path,
+    image: &Qcow2<IO>,
+) -> Result<Option<Box<dyn GuestRead>>> {
+    open_backing(path, image, 0)
+}
+
 fn open_backing<IO: BlockIo>(
     path: &Path,
     image: &Qcow2<IO>,
@@ -296,7 +304,7 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             )));
         }
         let cs = self.image.cluster_size();
-        let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut pending: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
@@ -311,7 +319,7 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             {
                 dst.copy_from_slice(src);
             }
-            pending.push((cluster, content));
+            pending.push((cluster, Some(content)));
             done += n;
             if pending.len() >= WRITE_BATCH_CLUSTERS {
                 self.write_clusters(std::mem::take(&mut pending))?;
@@ -323,8 +331,25 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
         Ok(())
     }
 
-    /// Replaces whole guest clusters in one transaction.
-    fn write_clusters(&mut self, clusters: Vec<(u64, Vec<u8>)>) -> Result<()> {
+    /// Replaces whole guest clusters in one transaction: `Some(content)` with a new host cluster
+    /// holding it, `None` with a zero cluster (v3 images; version 2 has no zero flag, so zeroes are
+    /// written as data there).
+    pub(crate) fn write_clusters(&mut self, clusters: Vec<(u64, Option<Vec<u8>>)>) -> Result<()> {
+        let cs = self.image.cluster_size() as usize;
+        let v2 = self.image.header().version < 3;
+        let clusters: Vec<(u64, Option<Vec<u8>>)> = clusters
+            .into_iter()
+            .map(|(g, c)| {
+                (
+                    g,
+                    if c.is_none() && v2 {
+                        Some(vec![0u8; cs])
+                    } else {
+                        c
+                    },
+                )
+            })
+            .collect();
         let size = self.image.virtual_size();
         self.image.run_txn(size, |img, txn| {
             let h = img.header();
@@ -334,8 +359,15 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             // Fresh data clusters, appended (a refusal below truncates them away).
             let mut by_table: BTreeMap<usize, Vec<(usize, u64)>> = BTreeMap::new();
             for (guest, content) in &clusters {
-                let host = txn.alloc(1)?;
-                txn.write_new(host, content)?;
+                // Host 0 stands for "zero cluster".
+                let host = match content {
+                    Some(content) => {
+                        let host = txn.alloc(1)?;
+                        txn.write_new(host, content)?;
+                        host
+                    }
+                    None => 0,
+                };
                 let l1_index = (guest / h.l1_entry_span()) as usize;
                 let l2_index = ((guest % h.l1_entry_span()) >> cb) as usize;
                 by_table.entry(l1_index).or_default().push((l2_index, host));
@@ -358,9 +390,25 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
                 }
                 let mut fresh = Vec::with_capacity(writes.len());
                 for &(l2_index, host) in writes {
-                    let bitmap = if geom.extended { 0xffff_ffff } else { 0 };
-                    geom.set_entry(&mut table, l2_index, L2Entry { raw: host, bitmap });
-                    fresh.push(l2_index);
+                    let entry = match (host, geom.extended) {
+                        (0, true) => L2Entry {
+                            raw: 0,
+                            bitmap: 0xffff_ffff << 32,
+                        },
+                        (0, false) => L2Entry {
+                            raw: crate::format::table::ZERO,
+                            bitmap: 0,
+                        },
+                        (h, true) => L2Entry {
+                            raw: h,
+                            bitmap: 0xffff_ffff,
+                        },
+                        (h, false) => L2Entry { raw: h, bitmap: 0 },
+                    };
+                    geom.set_entry(&mut table, l2_index, entry);
+                    if host != 0 {
+                        fresh.push(l2_index);
+                    }
                 }
                 new_tables.push((*l1_index, table.clone(), fresh));
             }

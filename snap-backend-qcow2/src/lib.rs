@@ -23,7 +23,9 @@
 pub mod backend;
 pub mod chain;
 pub mod check;
+pub mod create;
 pub mod data;
+pub mod external;
 pub mod format;
 mod image;
 mod internal;

@@ -29,6 +29,8 @@ pub enum ErrorKind {
     Io,
     /// An external command (lvm2, rbd, qemu) failed.
     Command,
+    /// The operation was stopped on request (Ctrl-C) at a safe point.
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -44,6 +46,7 @@ impl ErrorKind {
             ErrorKind::Overflow => "overflow",
             ErrorKind::Io => "io",
             ErrorKind::Command => "command",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 }

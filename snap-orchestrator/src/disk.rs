@@ -45,11 +45,22 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             let request = if external {
                 CreateRequest::External {
                     name: name.clone(),
-                    overlay,
+                    overlay: overlay.clone(),
                 }
             } else {
                 CreateRequest::Internal { name: name.clone() }
             };
+            if dry_run && external {
+                let overlay = overlay.clone().unwrap_or_else(|| {
+                    snap_backend_qcow2::external::default_overlay_path(&image, &name)
+                });
+                println!(
+                    "plan: create overlay {} backed by {} (qcow2); it becomes the active layer (nothing changed: --dry-run)",
+                    overlay.display(),
+                    image.display()
+                );
+                return Ok(0);
+            }
             if dry_run {
                 let listing = backend.list().await?;
                 if listing
@@ -102,6 +113,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             }
             backend.revert(&target).await?;
             println!("reverted {} to {}", image.display(), describe(&target));
+            if matches!(target, Target::Layer(_)) {
+                println!("{} is now an empty overlay on that layer", image.display());
+            }
             Ok(0)
         }
         DiskCommand::Delete {
@@ -114,6 +128,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             refuse_online(&online)?;
             let backend = backend_for(&image, format)?;
             let target = target(name, layer)?;
+            if let Target::Layer(layer) = &target {
+                return delete_layer(&image, layer, dry_run).await;
+            }
             if dry_run {
                 plan_existing(&*backend, &image, &target, "delete").await?;
                 return Ok(0);
@@ -174,6 +191,123 @@ fn describe(target: &Target) -> String {
     }
 }
 
+/// `disk delete IMAGE --layer PATH` (qcow2 chains): plan, progress bar, and what was kept.
+async fn delete_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u8> {
+    let (image, layer) = (image.to_path_buf(), layer.to_path_buf());
+    if dry_run {
+        let plan = tokio::task::spawn_blocking(move || {
+            snap_backend_qcow2::external::plan_delete_layer(&image, &layer)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+        print_layer_plan(&plan);
+        println!("(nothing changed: --dry-run)");
+        return Ok(0);
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        let bar = progress_bar();
+        let result = snap_backend_qcow2::external::delete_layer(&image, &layer, |done, total| {
+            if let Some(bar) = &bar {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            true
+        });
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        result
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+    let plan = &done.plan;
+    println!(
+        "merged {} into {} ({} bytes copied); {} now reads from {}",
+        plan.layer.display(),
+        plan.child.display(),
+        plan.stream_bytes,
+        plan.child.display(),
+        plan.new_backing
+            .as_ref()
+            .map(|b| b.path.display().to_string())
+            .unwrap_or_else(|| "no backing file".into())
+    );
+    if done.removed {
+        println!("removed {}", plan.layer.display());
+    } else {
+        let users: Vec<String> = plan
+            .other_users
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "kept {}: it is still the backing file of {}",
+            plan.layer.display(),
+            users.join(", ")
+        );
+    }
+    Ok(0)
+}
+
+fn print_layer_plan(plan: &snap_backend_qcow2::external::LayerPlan) {
+    println!("plan: delete layer {}", plan.layer.display());
+    println!(
+        "  stream: copy {} bytes (clusters it has that {} lacks) into {}, then relink {} to {}",
+        plan.stream_bytes,
+        plan.child.display(),
+        plan.child.display(),
+        plan.child.display(),
+        plan.new_backing
+            .as_ref()
+            .map(|b| b.path.display().to_string())
+            .unwrap_or_else(|| "no backing file".into())
+    );
+    match plan.commit_bytes {
+        Some(bytes) => println!(
+            "  commit (alternative): copy {bytes} bytes into {} — writes the parent; snapctl streams instead, which copies {} and never writes the parent",
+            plan.new_backing
+                .as_ref()
+                .map(|b| b.path.display().to_string())
+                .unwrap_or_default(),
+            if plan.stream_bytes <= bytes {
+                "no more"
+            } else {
+                "more but"
+            }
+        ),
+        None => println!("  commit: not possible (the layer is the base of the chain)"),
+    }
+    if plan.other_users.is_empty() {
+        println!("  then remove {}", plan.layer.display());
+    } else {
+        let users: Vec<String> = plan
+            .other_users
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "  then keep {}: still the backing file of {}",
+            plan.layer.display(),
+            users.join(", ")
+        );
+    }
+}
+
+/// A progress bar on stderr when it is a terminal.
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
 async fn plan_existing(
     backend: &dyn DiskBackend,
     image: &Path,
@@ -198,9 +332,27 @@ async fn plan_existing(
         );
         return Ok(());
     }
-    Err(Error::unsupported(
-        "layer operations are not implemented yet",
-    ))
+    if let Target::Layer(layer) = target {
+        let want = std::fs::canonicalize(layer)
+            .map_err(|e| Error::io("open layer", e).with_path(layer))?;
+        let in_chain = listing
+            .chain
+            .iter()
+            .any(|l| std::fs::canonicalize(&l.path).ok().as_deref() == Some(want.as_path()));
+        if !in_chain {
+            return Err(Error::not_found(format!(
+                "{} is not a backing layer of this image",
+                layer.display()
+            ))
+            .with_path(image));
+        }
+        println!(
+            "plan: {verb} layer {}: {} becomes an empty overlay on it and its current data is dropped (nothing changed: --dry-run)",
+            layer.display(),
+            image.display()
+        );
+    }
+    Ok(())
 }
 
 /// Decides the disk's format: `--format`, else probed from the file's content.

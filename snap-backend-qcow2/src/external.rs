@@ -1,0 +1,530 @@
+//! External snapshots: overlays (backing-file chains) — create, revert to a layer, delete a layer.
+//!
+//! Deleting layer P from a chain `… ← P ← C ← … ← IMAGE` streams into P's child C every cluster
+//! P provides that C does not have, then points C at P's backing file, then removes P's file
+//! unless another image in P's folder still uses it. Each streamed batch is one copy-on-write
+//! transaction on C that writes exactly what C's guest already reads there, so C's guest view
+//! never changes — an interrupted merge is simply run again. P's parent is never written.
+
+use std::path::{Path, PathBuf};
+
+use snap_core::io::FileIo;
+use snap_core::lock::{LockMode, open_locked};
+use snap_core::{BlockIo, ChainLayer, DiskFormat, Error, ErrorKind, Result};
+
+use crate::chain::{backing_chain, probe_format, resolve_backing};
+use crate::create::{CreateOptions, create_image, set_backing};
+use crate::data::Qcow2Disk;
+use crate::format::table::Mapping;
+use crate::image::Qcow2;
+
+/// Bytes of guest data streamed per transaction.
+const STREAM_BATCH_BYTES: u64 = 32 << 20;
+
+/// The default overlay path for snapshot `name` of `image`: DIR/STEM.NAME.EXT.
+pub fn default_overlay_path(image: &Path, name: &str) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk".into());
+    let ext = image
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "qcow2".into());
+    image.with_file_name(format!("{stem}.{name}.{ext}"))
+}
+
+/// How `target` is named from an image in `from_dir`: its file name when both share a folder,
+/// else its absolute path.
+fn backing_name_for(from_dir: &Path, target: &Path) -> Result<String> {
+    let target = std::fs::canonicalize(target)
+        .map_err(|e| Error::io("resolve path", e).with_path(target))?;
+    let dir = std::fs::canonicalize(from_dir)
+        .map_err(|e| Error::io("resolve folder", e).with_path(from_dir))?;
+    let name = match (target.parent(), target.file_name()) {
+        (Some(parent), Some(file)) if parent == dir => PathBuf::from(file),
+        _ => target,
+    };
+    name.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::invalid("backing file path is not valid UTF-8").with_path(from_dir))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes a new image at `path` atomically: into a temporary file in the same folder, flushed,
+/// then linked into place (refusing to replace an existing file unless `replace`), then the
+/// folder is flushed.
+fn write_new_file(path: &Path, replace: bool, options: &CreateOptions) -> Result<()> {
+    let dir = parent_dir(path);
+    let file_name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.snapctl-{}.tmp", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io("create temporary file", e).with_path(&tmp))?;
+    let io = FileIo::from_file(file, &tmp);
+    let result = create_image(&io, options).and_then(|_| {
+        if replace {
+            std::fs::rename(&tmp, path).map_err(|e| Error::io("replace image", e).with_path(path))
+        } else {
+            std::fs::hard_link(&tmp, path)
+                .map_err(|e| Error::io("create overlay", e).with_path(path))?;
+            std::fs::remove_file(&tmp)
+                .map_err(|e| Error::io("remove temporary file", e).with_path(&tmp))
+        }
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("flush folder", e).with_path(dir))
+}
+
+/// Takes an external snapshot: a new empty overlay whose backing file is `image` (recorded with
+/// its format), which becomes the disk's active layer. Returns the overlay's path.
+pub fn create_external(image: &Path, name: &str, overlay: Option<PathBuf>) -> Result<PathBuf> {
+    snap_core::model::validate_snapshot_name(name)?;
+    if name.contains('/') {
+        return Err(Error::invalid(format!(
+            "snapshot name {name:?} contains '/'"
+        )));
+    }
+    // The image becomes read-only history: nobody may be writing it now.
+    let (io, _lock) = open_locked(image, LockMode::Shared)?;
+    let base = Qcow2::open(io, false).map_err(|e| e.with_path(image))?;
+    let overlay = overlay.unwrap_or_else(|| default_overlay_path(image, name));
+    if overlay.exists() {
+        return Err(
+            Error::new(ErrorKind::Exists, "the overlay file already exists").with_path(&overlay),
+        );
+    }
+    let backing = backing_name_for(parent_dir(&overlay), image)?;
+    let options = CreateOptions {
+        size: base.virtual_size(),
+        cluster_bits: base.header().cluster_bits,
+        extended_l2: base.header().extended_l2(),
+        backing: Some((backing, DiskFormat::Qcow2)),
+    };
+    write_new_file(&overlay, false, &options)?;
+    Ok(overlay)
+}
+
+/// Finds `layer` in `image`'s backing chain; returns its index (0 = the image's direct backing).
+fn find_layer(chain: &[ChainLayer], image: &Path, layer: &Path) -> Result<usize> {
+    let want =
+        std::fs::canonicalize(layer).map_err(|e| Error::io("open layer", e).with_path(layer))?;
+    chain
+        .iter()
+        .position(|l| std::fs::canonicalize(&l.path).ok().as_deref() == Some(want.as_path()))
+        .ok_or_else(|| {
+            let names: Vec<String> = chain.iter().map(|l| l.path.display().to_string()).collect();
+            Error::not_found(format!(
+                "{} is not a backing layer of this image (its chain: {})",
+                layer.display(),
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(" <- ")
+                }
+            ))
+            .with_path(image)
+        })
+}
+
+/// Reverts `image` to backing layer `layer`: the image becomes an empty overlay on it. Its
+/// current data is dropped; layers in between stay on disk. Refused when the image holds
+/// internal snapshots (they would be dropped with it).
+pub fn revert_to_layer(image: &Path, layer: &Path) -> Result<()> {
+    let (io, _lock) = open_locked(image, LockMode::Exclusive)?;
+    let current = Qcow2::open(io, true).map_err(|e| e.with_path(image))?;
+    let chain = backing_chain(image, &current)?;
+    let index = find_layer(&chain, image, layer)?;
+    if !current.snapshots().is_empty() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the image holds {} internal snapshot(s) that a revert to a layer would drop; delete them first",
+                current.snapshots().len()
+            ),
+        )
+        .with_path(image));
+    }
+    let target = chain
+        .get(index)
+        .ok_or_else(|| Error::not_found("layer vanished"))?;
+    let size = layer_size(&target.path, target.format)?;
+    let options = CreateOptions {
+        size,
+        cluster_bits: current.header().cluster_bits,
+        extended_l2: current.header().extended_l2(),
+        backing: Some((
+            backing_name_for(parent_dir(image), &target.path)?,
+            target.format,
+        )),
+    };
+    write_new_file(image, true, &options)
+}
+
+fn layer_size(path: &Path, format: DiskFormat) -> Result<u64> {
+    let io = FileIo::open(path, false)?;
+    match format {
+        DiskFormat::Qcow2 => Ok(Qcow2::open(io, false)
+            .map_err(|e| e.with_path(path))?
+            .virtual_size()),
+        DiskFormat::Raw => io.len(),
+        other => Err(Error::unsupported(format!(
+            "{other} layers in a qcow2 chain are not supported"
+        ))
+        .with_path(path)),
+    }
+}
+
+/// What deleting a layer costs, before doing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// The layer to remove.
+    pub layer: PathBuf,
+    /// The image that receives its data (the layer's child in the chain).
+    pub child: PathBuf,
+    /// The layer's own backing file, which the child is relinked to (None: the layer is the base).
+    pub new_backing: Option<ChainLayer>,
+    /// Bytes a stream into the child copies (clusters the layer has that the child lacks).
+    pub stream_bytes: u64,
+    /// Bytes a commit into the layer's parent would copy (every cluster the layer has), when the
+    /// layer has a parent.
+    pub commit_bytes: Option<u64>,
+    /// Other images in the layer's folder that use it as their backing file (it is kept then).
+    pub other_users: Vec<PathBuf>,
+}
+
+/// One step of a stream: a guest cluster to give the child, as data or as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Data,
+    Zero,
+}
+
+/// The clusters layer `path` provides that `child` lacks, per L1 span, with a callback so memory
+/// stays bounded. Also counts every cluster the layer provides.
+fn walk_stream<IO: BlockIo>(
+    child: &Qcow2<IO>,
+    layer: &Path,
+    layer_format: DiskFormat,
+    layer_has_backing: bool,
+    mut visit: impl FnMut(u64, Fill) -> Result<()>,
+) -> Result<u64> {
+    let cs = child.cluster_size();
+    let size = child.virtual_size();
+    let geom = child.l2_geometry();
+    let entries = child.header().l2_entries();
+    let span = child.header().l1_entry_span();
+    let mut child_table = vec![0u8; cs as usize];
+    let mut provided = 0u64;
+    match layer_format {
+        DiskFormat::Qcow2 => {
+            let io = FileIo::open(layer, false)?;
+            let parent = Qcow2::open(io, false).map_err(|e| e.with_path(layer))?;
+            if parent.cluster_size() != cs {
+                return Err(Error::unsupported(format!(
+                    "the layer's cluster size ({}) differs from its child's ({cs}); streaming between them is not \
+                     supported yet",
+                    parent.cluster_size()
+                )));
+            }
+            let pgeom = parent.l2_geometry();
+            let mut parent_table = vec![0u8; cs as usize];
+            for (i, pe) in parent.active_l1().iter().enumerate() {
+                if pe.l2_offset() == 0 || i as u64 * span >= size {
+                    continue;
+                }
+                parent.read_l2_into(pe.l2_offset(), &mut parent_table)?;
+                let ce = child.active_l1().get(i).copied();
+                let child_l2 = ce.map(|e| e.l2_offset()).unwrap_or(0);
+                if child_l2 != 0 {
+                    child.read_l2_into(child_l2, &mut child_table)?;
+                }
+                for j in 0..entries as usize {
+                    let guest = i as u64 * span + j as u64 * cs;
+                    if guest >= size {
+                        break;
+                    }
+                    let pentry = pgeom
+                        .entry(&parent_table, j)
+                        .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
+                    let pmap = pgeom.mapping(pentry).map_err(|e| e.with_path(layer))?;
+                    let fill = match pmap {
+                        Mapping::Unallocated => continue,
+                        Mapping::Zero { .. } => Fill::Zero,
+                        _ => Fill::Data,
+                    };
+                    provided += 1;
+                    let cmap = if child_l2 == 0 {
+                        Mapping::Unallocated
+                    } else {
+                        let centry = geom
+                            .entry(&child_table, j)
+                            .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
+                        geom.mapping(centry)?
+                    };
+                    match cmap {
+                        Mapping::Unallocated => {
+                            // Zeroes the layer has need no copy when nothing is below it.
+                            if fill == Fill::Zero && !layer_has_backing {
+                                continue;
+                            }
+                            visit(guest, fill)?
+                        }
+                        Mapping::Subclusters { alloc, zero, .. } if alloc | zero != u32::MAX => {
+                            visit(guest, Fill::Data)?
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        DiskFormat::Raw => {
+            // A raw layer provides every cluster; the child's view supplies the bytes.
+            let clusters = size.div_ceil(cs);
+            for c in 0..clusters {
+                let guest = c * cs;
+                provided += 1;
+                let i = (guest / span) as usize;
+                let j = ((guest % span) / cs) as usize;
+                let child_l2 = child.active_l1().get(i).map(|e| e.l2_offset()).unwrap_or(0);
+                let cmap = if child_l2 == 0 {
+                    Mapping::Unallocated
+                } else {
+                    let mut entry = [0u8; 16];
+                    let esize = geom.entry_size();
+                    let slice = entry.get_mut(..esize).unwrap_or_default();
+                    child
+                        .io()
+                        .read_exact_at(slice, child_l2 + (j * esize) as u64)?;
+                    geom.mapping(
+                        geom.entry(slice, 0)
+                            .ok_or_else(|| Error::corrupt("L2 entry out of range"))?,
+                    )?
+                };
+                match cmap {
+                    Mapping::Unallocated => visit(guest, Fill::Data)?,
+                    Mapping::Subclusters { alloc, zero, .. } if alloc | zero != u32::MAX => {
+                        visit(guest, Fill::Data)?
+                    }
+                    _ => {}
+                }
+            }
+        }
+        other => {
+            return Err(Error::unsupported(format!(
+                "{other} layers in a qcow2 chain are not supported"
+            )));
+        }
+    }
+    Ok(provided)
+}
+
+/// Other images in `layer`'s folder whose backing file is `layer`.
+fn other_users(layer: &Path, except: &[&Path]) -> Vec<PathBuf> {
+    let Ok(want) = std::fs::canonicalize(layer) else {
+        return Vec::new();
+    };
+    let except: Vec<PathBuf> = except
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let Ok(entries) = std::fs::read_dir(parent_dir(layer)) else {
+        return Vec::new();
+    };
+    let mut users = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(canonical) = std::fs::canonicalize(&path) else {
+            continue;
+        };
+        if canonical == want || except.contains(&canonical) || !path.is_file() {
+            continue;
+        }
+        let Ok(io) = FileIo::open(&path, false) else {
+            continue;
+        };
+        if !matches!(probe_format(&io), Ok(DiskFormat::Qcow2)) {
+            continue;
+        }
+        let Ok(image) = Qcow2::open(io, false) else {
+            continue;
+        };
+        let Some(name) = image.header_cluster().backing_file_name() else {
+            continue;
+        };
+        let Ok(backing) = resolve_backing(&path, &name) else {
+            continue;
+        };
+        if std::fs::canonicalize(&backing).ok().as_deref() == Some(want.as_path()) {
+            users.push(path);
+        }
+    }
+    users.sort();
+    users
+}
+
+/// The child of chain layer `index` (the image itself for index 0).
+fn child_of(image: &Path, chain: &[ChainLayer], index: usize) -> PathBuf {
+    match index.checked_sub(1).and_then(|i| chain.get(i)) {
+        Some(layer) => layer.path.clone(),
+        None => image.to_path_buf(),
+    }
+}
+
+/// Plans the deletion of backing layer `layer` from `image`'s chain (nothing is written).
+pub fn plan_delete_layer(image: &Path, layer: &Path) -> Result<LayerPlan> {
+    let (io, _lock) = open_locked(image, LockMode::Shared)?;
+    let top = Qcow2::open(io, false).map_err(|e| e.with_path(image))?;
+    let chain = backing_chain(image, &top)?;
+    let index = find_layer(&chain, image, layer)?;
+    let target = chain
+        .get(index)
+        .cloned()
+        .ok_or_else(|| Error::not_found("layer vanished"))?;
+    let new_backing = chain.get(index + 1).cloned();
+    let child_path = child_of(image, &chain, index);
+    let child = Qcow2::open(FileIo::open(&child_path, false)?, false)
+        .map_err(|e| e.with_path(&child_path))?;
+    let cs = child.cluster_size();
+    let mut stream = 0u64;
+    let provided = walk_stream(
+        &child,
+        &target.path,
+        target.format,
+        new_backing.is_some(),
+        |_, fill| {
+            if fill == Fill::Data {
+                stream += cs;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(LayerPlan {
+        layer: target.path.clone(),
+        child: child_path.clone(),
+        commit_bytes: new_backing.as_ref().map(|_| provided * cs),
+        new_backing,
+        stream_bytes: stream,
+        other_users: other_users(&target.path, &[&child_path, image]),
+    })
+}
+
+/// What deleting a layer did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerDeleted {
+    /// The plan it followed.
+    pub plan: LayerPlan,
+    /// Whether the layer's file was removed (false: other images still use it).
+    pub removed: bool,
+}
+
+/// Deletes backing layer `layer` from `image`'s chain (see the module documentation).
+/// `progress` is told (done, total) bytes after each committed batch and returns whether to go
+/// on: `false` stops there with [`ErrorKind::Cancelled`], leaving a valid chain whose guest view is
+/// unchanged — running the same deletion again finishes it.
+pub fn delete_layer(
+    image: &Path,
+    layer: &Path,
+    mut progress: impl FnMut(u64, u64) -> bool,
+) -> Result<LayerDeleted> {
+    let plan = plan_delete_layer(image, layer)?;
+    // The child is written: lock it exclusively; the layer must not be written meanwhile.
+    let (child_io, _child_lock) = open_locked(&plan.child, LockMode::Exclusive)?;
+    let (_layer_io, _layer_lock) = open_locked(&plan.layer, LockMode::Shared)?;
+    let child_image = Qcow2::open(child_io, true).map_err(|e| e.with_path(&plan.child))?;
+    if !child_image.snapshots().is_empty() {
+        return Err(Error::unsupported(format!(
+            "{} holds internal snapshots that also read through {}; streaming would change them — delete \
+             them first",
+            plan.child.display(),
+            plan.layer.display()
+        ))
+        .with_path(image));
+    }
+    let layer_format = probe_format(&FileIo::open(&plan.layer, false)?)?;
+    let backing = crate::data::open_backing_of(&plan.child, &child_image)?;
+    let mut child = Qcow2Disk::new(child_image, backing);
+    let cs = child.image.cluster_size();
+    let total = plan.stream_bytes;
+    let mut done = 0u64;
+    let batch_clusters = (STREAM_BATCH_BYTES / cs).max(1) as usize;
+    // Collect the work first (positions only), then stream it in bounded batches.
+    let mut work: Vec<(u64, Fill)> = Vec::new();
+    walk_stream(
+        &child.image,
+        &plan.layer,
+        layer_format,
+        plan.new_backing.is_some(),
+        |guest, fill| {
+            work.push((guest, fill));
+            Ok(())
+        },
+    )?;
+    for chunk in work.chunks(batch_clusters) {
+        let mut batch = Vec::with_capacity(chunk.len());
+        for &(guest, fill) in chunk {
+            match fill {
+                Fill::Zero => batch.push((guest, None)),
+                Fill::Data => {
+                    let valid = (child.image.virtual_size() - guest).min(cs) as usize;
+                    let mut content = vec![0u8; cs as usize];
+                    child.read(guest, content.get_mut(..valid).unwrap_or_default())?;
+                    batch.push((guest, Some(content)));
+                    done += cs;
+                }
+            }
+        }
+        child.write_clusters(batch)?;
+        if !progress(done.min(total), total) {
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "stopped after copying {done} of {total} bytes; the chain is intact and unchanged for the guest — \
+                     run the same command again to finish"
+                ),
+            )
+            .with_path(image));
+        }
+    }
+    // Relink the child to the layer's backing file (or none).
+    let new_backing = match &plan.new_backing {
+        Some(parent) => Some((
+            backing_name_for(parent_dir(&plan.child), &parent.path)?,
+            parent.format,
+        )),
+        None => None,
+    };
+    set_backing(child.image.io(), new_backing)?;
+    drop(child);
+    let removed = if plan.other_users.is_empty() {
+        drop(_layer_lock);
+        std::fs::remove_file(&plan.layer)
+            .map_err(|e| Error::io("remove layer", e).with_path(&plan.layer))?;
+        sync_dir(parent_dir(&plan.layer))?;
+        true
+    } else {
+        false
+    };
+    Ok(LayerDeleted { plan, removed })
+}
