@@ -12,7 +12,20 @@
     )
 )]
 
+pub mod chain;
+pub mod check;
 pub mod format;
+pub mod image;
+pub mod ops;
+
+pub use chain::{Chain, Layer, MAX_CHAIN_DEPTH, open_chain};
+pub use check::CheckReport;
+pub use format::locator::ParentPolicy;
+pub use image::{ParentLink, SectorRun, Vhd};
+pub use ops::{
+    DeleteOutcome, check_path, create_differencing, create_dynamic, create_external,
+    default_overlay_path, delete_layer, list_path, probe, revert_to_layer,
+};
 
 /// The footer cookie that identifies a VHD file (its last 512 bytes, and a copy at offset 0 for
 /// dynamic and differencing disks). Used by snapctl's format probe.
