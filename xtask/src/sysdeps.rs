@@ -36,6 +36,10 @@ const QEMU_TOOLS: [Tool; 3] = [
     },
 ];
 
+/// Independent VHD readers the snap-backend-vhd tests compare against (libvhdi's `vhdiinfo` and
+/// its Python binding `pyvhdi`): Debian packages, any version, from the main suites.
+const VHD_PEER_PACKAGES: [&str; 2] = ["libvhdi-utils", "python3-libvhdi"];
+
 /// Debian releases whose main suites carry a QEMU older than 10: install from their backports.
 const NEEDS_BACKPORTS: [&str; 1] = ["bookworm"];
 
@@ -45,6 +49,7 @@ pub const GNU_TIME: &str = "/usr/bin/time";
 /// Makes sure qemu-img, qemu-io and qemu-storage-daemon >= 10 are installed: installs them when root,
 /// otherwise says what to install and fails.
 pub fn ensure_qemu_tools() -> Result {
+    ensure_vhd_peers();
     let missing = unmet(&QEMU_TOOLS);
     if missing.is_empty() {
         println!("xtask: {}", describe(&QEMU_TOOLS));
@@ -89,6 +94,37 @@ pub fn ensure_qemu_tools() -> Result {
             packages.join(" "),
             still.join(", ")
         )))
+    }
+}
+
+/// Installs the libvhdi packages (see [`VHD_PEER_PACKAGES`]) when missing and root. Best effort:
+/// the VHD interop tests skip with a note when the tools are absent.
+fn ensure_vhd_peers() {
+    let missing: Vec<&str> = VHD_PEER_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+                .is_some_and(|status| status.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    if !is_root() {
+        println!(
+            "xtask: {} not installed (VHD interop tests will skip); as root: `apt-get install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
+        return;
+    }
+    println!("xtask: installing {}", missing.join(" "));
+    if let Err(message) = apt_install(&missing, None) {
+        println!(
+            "xtask: could not install {} ({message}); VHD interop tests will skip",
+            missing.join(" ")
+        );
     }
 }
 
