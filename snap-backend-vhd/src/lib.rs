@@ -2,6 +2,12 @@
 //!
 //! - [`format`]: footer, dynamic header with parent locators, BAT, sector bitmaps — parsed and
 //!   encoded without I/O.
+//! - [`Vhd`] ([`image`]): one open, validated file; sector reads, crash-safe writes, reparent.
+//! - [`Chain`] ([`chain`]): active layer to base, reads through it, writes, coalesce; opened
+//!   from files by following parent locators under a [`ParentPolicy`].
+//! - [`ops`]: the snapshot operations on files (create --external, revert/delete --layer, list,
+//!   check), each under QEMU-compatible locks; [`check`] for consistency.
+//! - [`VhdBackend`]: the [`DiskBackend`](snap_core::DiskBackend) for VHD files.
 #![cfg_attr(
     test,
     allow(
@@ -12,12 +18,14 @@
     )
 )]
 
+pub mod backend;
 pub mod chain;
 pub mod check;
 pub mod format;
 pub mod image;
 pub mod ops;
 
+pub use backend::{NO_INTERNAL, VhdBackend};
 pub use chain::{Chain, Layer, MAX_CHAIN_DEPTH, open_chain};
 pub use check::CheckReport;
 pub use format::locator::ParentPolicy;
