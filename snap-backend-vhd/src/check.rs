@@ -1,7 +1,8 @@
 //! Consistency check of one VHD file: checksums and footer copies (validated while opening),
 //! every structure inside the file, and no two of them (footer copy, header, BAT, locator data,
 //! blocks, footer) overlapping. Space no structure uses is reported as leaked (a crash during
-//! an allocation leaves such space; it is harmless).
+//! an allocation leaves such space, and a relink leaves the old parent locator data unused on
+//! purpose, since overwriting it in place would not be crash-safe; it is harmless).
 
 use std::collections::BTreeMap;
 
@@ -132,7 +133,7 @@ pub fn check<IO: BlockIo>(image: &Vhd<IO>) -> Result<CheckReport> {
     }
     if report.leaked_bytes > 0 {
         report.note(format!(
-            "{} bytes of the file belong to no structure (leaked by an interrupted write; harmless)",
+            "{} bytes of the file belong to no structure (old parent locators or an interrupted allocation; harmless)",
             report.leaked_bytes
         ));
     }

@@ -27,7 +27,7 @@ use crate::format::locator::MAX_LOCATOR_BYTES;
 use crate::format::{SECTOR, bitmap_get, bitmap_set, sectors_for};
 
 /// Where the BAT of a disk this crate creates starts (after the footer copy and the header).
-pub const TABLE_OFFSET: u64 = (FOOTER_LEN + FOOTER_LEN + HEADER_LEN) as u64;
+pub const TABLE_OFFSET: u64 = (FOOTER_LEN + HEADER_LEN) as u64;
 /// Offset of the dynamic header in disks this crate creates.
 pub const HEADER_OFFSET: u64 = FOOTER_LEN as u64;
 /// Largest run of bytes moved in one buffer by copy loops (bounds memory).
