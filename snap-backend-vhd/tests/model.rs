@@ -128,3 +128,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Random byte corruptions of a differencing image never panic: open, read and check
+    /// either work or return an error.
+    #[test]
+    fn corrupted_images_never_panic(flips in prop::collection::vec((0usize..8192, any::<u8>()), 1..8)) {
+        let parent = new_layer(None, 1);
+        let mut child = new_layer(Some(&parent), 2);
+        child.write_sectors(8, &[0x5a; 4096]).unwrap();
+        let mut bytes = child.io().to_bytes();
+        let len = bytes.len();
+        for (at, value) in flips {
+            // Hit the head (footer copy, header, BAT, locators) and the tail (footer).
+            let at = if at < 4096 { at } else { len - 1 - (at - 4096) % 4096.min(len) };
+            if let Some(b) = bytes.get_mut(at) {
+                *b ^= value;
+            }
+        }
+        if let Ok(image) = Vhd::open(MemIo::from_bytes(bytes), false) {
+            let _ = image.sector_runs(0, SIZE / 512);
+            let _ = check(&image);
+            let layers = vec![Layer::unlocked("c", image), Layer::unlocked("p", new_layer(None, 1))];
+            if let Ok(chain) = Chain::new(layers) {
+                let mut buf = vec![0u8; 65536];
+                let _ = chain.read(0, &mut buf);
+            }
+        }
+    }
+}
