@@ -21,6 +21,17 @@ use crate::format::table::{COPIED, L1Entry, L2Entry, Mapping};
 use crate::image::Qcow2;
 use crate::internal::{Staged, collect_referenced};
 
+/// Where the new content of a guest cluster comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClusterSource {
+    /// These bytes (one cluster).
+    Bytes(Vec<u8>),
+    /// Zeroes (a zero cluster where the version has the flag).
+    Zero,
+    /// One cluster of the copy source file at this offset (copied in the kernel when possible).
+    Copy(u64),
+}
+
 /// Clusters written per metadata transaction by [`Qcow2Disk::write`].
 const WRITE_BATCH_CLUSTERS: usize = 256;
 
@@ -304,7 +315,7 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             )));
         }
         let cs = self.image.cluster_size();
-        let mut pending: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let mut pending: Vec<(u64, ClusterSource)> = Vec::new();
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
@@ -319,35 +330,33 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             {
                 dst.copy_from_slice(src);
             }
-            pending.push((cluster, Some(content)));
+            pending.push((cluster, ClusterSource::Bytes(content)));
             done += n;
             if pending.len() >= WRITE_BATCH_CLUSTERS {
-                self.write_clusters(std::mem::take(&mut pending))?;
+                self.write_clusters(std::mem::take(&mut pending), None)?;
             }
         }
         if !pending.is_empty() {
-            self.write_clusters(pending)?;
+            self.write_clusters(pending, None)?;
         }
         Ok(())
     }
 
-    /// Replaces whole guest clusters in one transaction: `Some(content)` with a new host cluster
-    /// holding it, `None` with a zero cluster (v3 images; version 2 has no zero flag, so zeroes are
-    /// written as data there).
-    pub(crate) fn write_clusters(&mut self, clusters: Vec<(u64, Option<Vec<u8>>)>) -> Result<()> {
+    /// Replaces whole guest clusters in one transaction: each gets a new host cluster holding its
+    /// new content, or becomes a zero cluster (v3 images; version 2 has no zero flag, so zeroes
+    /// are written as data there). `ClusterSource::Copy` offsets refer to `copy_source`.
+    pub(crate) fn write_clusters(
+        &mut self,
+        clusters: Vec<(u64, ClusterSource)>,
+        copy_source: Option<&std::fs::File>,
+    ) -> Result<()> {
         let cs = self.image.cluster_size() as usize;
         let v2 = self.image.header().version < 3;
-        let clusters: Vec<(u64, Option<Vec<u8>>)> = clusters
+        let clusters: Vec<(u64, ClusterSource)> = clusters
             .into_iter()
-            .map(|(g, c)| {
-                (
-                    g,
-                    if c.is_none() && v2 {
-                        Some(vec![0u8; cs])
-                    } else {
-                        c
-                    },
-                )
+            .map(|(g, c)| match c {
+                ClusterSource::Zero if v2 => (g, ClusterSource::Bytes(vec![0u8; cs])),
+                other => (g, other),
             })
             .collect();
         let size = self.image.virtual_size();
@@ -358,19 +367,54 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             let entries = h.l2_entries() as usize;
             // Fresh data clusters, appended (a refusal below truncates them away).
             let mut by_table: BTreeMap<usize, Vec<(usize, u64)>> = BTreeMap::new();
+            // Runs of clusters copied from the source, contiguous on both sides: one copy each.
+            let mut run: Option<(u64, u64, u64)> = None; // (source offset, host offset, length)
+            let cs64 = h.cluster_size();
+            let data_clusters = clusters
+                .iter()
+                .filter(|(_, c)| !matches!(c, ClusterSource::Zero))
+                .count() as u64;
+            let mut next_host = txn.reserve(data_clusters)?;
+            let mut take_host = || {
+                let host = next_host;
+                next_host += cs64;
+                host
+            };
             for (guest, content) in &clusters {
                 // Host 0 stands for "zero cluster".
                 let host = match content {
-                    Some(content) => {
-                        let host = txn.alloc(1)?;
+                    ClusterSource::Bytes(content) => {
+                        let host = take_host();
                         txn.write_new(host, content)?;
                         host
                     }
-                    None => 0,
+                    ClusterSource::Zero => 0,
+                    ClusterSource::Copy(src) => {
+                        let Some(file) = copy_source else {
+                            return Err(Error::invalid(
+                                "internal error: copy without a source file",
+                            ));
+                        };
+                        let host = take_host();
+                        run = match run {
+                            Some((s, d, len)) if s + len == *src && d + len == host => {
+                                Some((s, d, len + cs64))
+                            }
+                            Some((s, d, len)) => {
+                                txn.copy_in(file, s, d, len)?;
+                                Some((*src, host, cs64))
+                            }
+                            None => Some((*src, host, cs64)),
+                        };
+                        host
+                    }
                 };
                 let l1_index = (guest / h.l1_entry_span()) as usize;
                 let l2_index = ((guest % h.l1_entry_span()) >> cb) as usize;
                 by_table.entry(l1_index).or_default().push((l2_index, host));
+            }
+            if let (Some((s, d, len)), Some(file)) = (run, copy_source) {
+                txn.copy_in(file, s, d, len)?;
             }
             // New tables: the old one's entries with the written ones replaced.
             let mut new_tables: Vec<(usize, Vec<u8>, Vec<usize>)> = Vec::new();

@@ -14,12 +14,17 @@ use snap_core::{BlockIo, ChainLayer, DiskFormat, Error, ErrorKind, Result};
 
 use crate::chain::{backing_chain, probe_format, resolve_backing};
 use crate::create::{CreateOptions, create_image, set_backing};
-use crate::data::Qcow2Disk;
+use crate::data::{ClusterSource, Qcow2Disk};
 use crate::format::table::Mapping;
 use crate::image::Qcow2;
 
-/// Bytes of guest data streamed per transaction.
-const STREAM_BATCH_BYTES: u64 = 32 << 20;
+/// Bytes of guest data streamed per transaction by default. Each transaction ends with two
+/// flushes, so larger batches are markedly faster (1 GiB here: 2.8 s with 32 MiB batches, 1.3 s
+/// with 256 MiB); an interrupted merge loses at most one batch of work.
+pub const STREAM_BATCH_BYTES: u64 = 256 << 20;
+/// Bytes of cluster content held in memory per transaction (clusters that cannot be copied in
+/// the kernel: compressed, partly allocated, or from a layer with another cluster size).
+const STREAM_BUFFER_BYTES: u64 = 32 << 20;
 
 /// The default overlay path for snapshot `name` of `image`: DIR/STEM.NAME.EXT.
 pub fn default_overlay_path(image: &Path, name: &str) -> PathBuf {
@@ -217,7 +222,9 @@ pub struct LayerPlan {
 /// One step of a stream: a guest cluster to give the child, as data or as zeroes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fill {
-    Data,
+    /// The child's current view of the cluster; `Some(offset)` when it is exactly one cluster of
+    /// the layer's file at that offset (so it can be copied in the kernel).
+    Data(Option<u64>),
     Zero,
 }
 
@@ -272,7 +279,8 @@ fn walk_stream<IO: BlockIo>(
                     let fill = match pmap {
                         Mapping::Unallocated => continue,
                         Mapping::Zero { .. } => Fill::Zero,
-                        _ => Fill::Data,
+                        Mapping::Normal { host } => Fill::Data(Some(host)),
+                        _ => Fill::Data(None),
                     };
                     provided += 1;
                     let cmap = if child_l2 == 0 {
@@ -292,7 +300,7 @@ fn walk_stream<IO: BlockIo>(
                             visit(guest, fill)?
                         }
                         Mapping::Subclusters { alloc, zero, .. } if alloc | zero != u32::MAX => {
-                            visit(guest, Fill::Data)?
+                            visit(guest, Fill::Data(None))?
                         }
                         _ => {}
                     }
@@ -323,9 +331,9 @@ fn walk_stream<IO: BlockIo>(
                     )?
                 };
                 match cmap {
-                    Mapping::Unallocated => visit(guest, Fill::Data)?,
+                    Mapping::Unallocated => visit(guest, Fill::Data(Some(guest)))?,
                     Mapping::Subclusters { alloc, zero, .. } if alloc | zero != u32::MAX => {
-                        visit(guest, Fill::Data)?
+                        visit(guest, Fill::Data(None))?
                     }
                     _ => {}
                 }
@@ -414,7 +422,7 @@ pub fn plan_delete_layer(image: &Path, layer: &Path) -> Result<LayerPlan> {
         target.format,
         new_backing.is_some(),
         |_, fill| {
-            if fill == Fill::Data {
+            if matches!(fill, Fill::Data(_)) {
                 stream += cs;
             }
             Ok(())
@@ -446,6 +454,16 @@ pub struct LayerDeleted {
 pub fn delete_layer(
     image: &Path,
     layer: &Path,
+    progress: impl FnMut(u64, u64) -> bool,
+) -> Result<LayerDeleted> {
+    delete_layer_in_batches(image, layer, STREAM_BATCH_BYTES, progress)
+}
+
+/// [`delete_layer`] with `batch_bytes` of guest data per transaction (at least one cluster).
+pub fn delete_layer_in_batches(
+    image: &Path,
+    layer: &Path,
+    batch_bytes_arg: u64,
     mut progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<LayerDeleted> {
     let plan = plan_delete_layer(image, layer)?;
@@ -468,7 +486,6 @@ pub fn delete_layer(
     let cs = child.image.cluster_size();
     let total = plan.stream_bytes;
     let mut done = 0u64;
-    let batch_clusters = (STREAM_BATCH_BYTES / cs).max(1) as usize;
     // Collect the work first (positions only), then stream it in bounded batches.
     let mut work: Vec<(u64, Fill)> = Vec::new();
     walk_stream(
@@ -481,30 +498,46 @@ pub fn delete_layer(
             Ok(())
         },
     )?;
-    for chunk in work.chunks(batch_clusters) {
-        let mut batch = Vec::with_capacity(chunk.len());
-        for &(guest, fill) in chunk {
-            match fill {
-                Fill::Zero => batch.push((guest, None)),
-                Fill::Data => {
-                    let valid = (child.image.virtual_size() - guest).min(cs) as usize;
-                    let mut content = vec![0u8; cs as usize];
-                    child.read(guest, content.get_mut(..valid).unwrap_or_default())?;
-                    batch.push((guest, Some(content)));
-                    done += cs;
-                }
+    let layer_io = FileIo::open(&plan.layer, false)?;
+    let copy_source = Some(layer_io.file());
+    let mut batch: Vec<(u64, ClusterSource)> = Vec::new();
+    let (mut batch_bytes, mut buffered) = (0u64, 0u64);
+    let batch_limit = batch_bytes_arg.max(cs);
+    let mut items = work.into_iter().peekable();
+    while let Some((guest, fill)) = items.next() {
+        match fill {
+            Fill::Zero => batch.push((guest, ClusterSource::Zero)),
+            Fill::Data(Some(offset)) => {
+                batch.push((guest, ClusterSource::Copy(offset)));
+                done += cs;
+            }
+            Fill::Data(None) => {
+                let valid = (child.image.virtual_size() - guest).min(cs) as usize;
+                let mut content = vec![0u8; cs as usize];
+                child.read(guest, content.get_mut(..valid).unwrap_or_default())?;
+                batch.push((guest, ClusterSource::Bytes(content)));
+                buffered += cs;
+                done += cs;
             }
         }
-        child.write_clusters(batch)?;
-        if !progress(done.min(total), total) {
-            return Err(Error::new(
-                ErrorKind::Cancelled,
-                format!(
-                    "stopped after copying {done} of {total} bytes; the chain is intact and unchanged for the guest — \
-                     run the same command again to finish"
-                ),
-            )
-            .with_path(image));
+        batch_bytes += cs;
+        if batch_bytes >= batch_limit
+            || buffered >= STREAM_BUFFER_BYTES
+            || items.peek().is_none()
+        {
+            child.write_clusters(std::mem::take(&mut batch), copy_source)?;
+            batch_bytes = 0;
+            buffered = 0;
+            if !progress(done.min(total), total) {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    format!(
+                        "stopped after copying {done} of {total} bytes; the chain is intact and unchanged for the \
+                         guest — run the same command again to finish"
+                    ),
+                )
+                .with_path(image));
+            }
         }
     }
     // Relink the child to the layer's backing file (or none).

@@ -29,6 +29,11 @@ pub trait BlockIo: Send + Sync {
     /// Sets the length (truncate or extend with a hole).
     fn set_len(&self, len: u64) -> Result<()>;
 
+    /// The underlying file, when there is one (lets callers use `copy_file_range`).
+    fn file(&self) -> Option<&File> {
+        None
+    }
+
     /// True when the length is zero.
     fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
@@ -75,6 +80,9 @@ pub trait BlockIo: Send + Sync {
 }
 
 impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
+    fn file(&self) -> Option<&File> {
+        (**self).file()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         (**self).read_at(buf, offset)
     }
@@ -93,6 +101,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
 }
 
 impl<T: BlockIo + ?Sized> BlockIo for Box<T> {
+    fn file(&self) -> Option<&File> {
+        (**self).file()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         (**self).read_at(buf, offset)
     }
@@ -149,6 +160,9 @@ impl FileIo {
 }
 
 impl BlockIo for FileIo {
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         loop {
             match self.file.read_at(buf, offset) {
@@ -364,6 +378,42 @@ pub fn replay(target: &dyn BlockIo, events: &[IoEvent]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` inside the kernel
+/// (`copy_file_range`), so the data never passes through user space. Returns `Ok(false)` when the
+/// kernel or file system cannot (the caller then copies by hand); a short copy (source ends)
+/// also returns `Ok(false)` after copying what it could, so the caller redoes the range.
+pub fn copy_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> Result<bool> {
+    let to_i64 =
+        |v: u64| i64::try_from(v).map_err(|_| Error::new(ErrorKind::Io, "offset too large"));
+    let mut off_in = to_i64(src_offset)?;
+    let mut off_out = to_i64(dst_offset)?;
+    let mut left = len;
+    while left > 0 {
+        let chunk = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+        match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => left -= n as u64,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(
+                nix::errno::Errno::EXDEV
+                | nix::errno::Errno::ENOSYS
+                | nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::EINVAL,
+            ) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(Error::io("copy_file_range", std::io::Error::from(e))),
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
