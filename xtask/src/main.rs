@@ -4,10 +4,12 @@
 //!   workspace, runs every test (nextest + doctests), clippy and rustfmt; CI runs exactly this.
 //! - `demo`  a guided tour of `snapctl disk` on a generated qcow2 image.
 //! - `bench` snapctl against `qemu-img snapshot` on a fully allocated (sparse) 1 TiB image.
-//! - `fuzz`, `guest` are placeholders for later issues.
+//! - `fuzz`  runs the cargo-fuzz targets of `fuzz/` for a while each and reports what they found.
+//! - `guest` is a placeholder for a later issue.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod proc;
 mod sysdeps;
 mod test;
@@ -25,7 +27,12 @@ commands:
                               time snapctl against qemu-img snapshot -c/-a/-d on a fully allocated
                               qcow2 image (default 1T, sparse), median of N runs (default 1);
                               --criterion also runs cargo bench
-  fuzz                        not implemented yet
+  fuzz [--seconds N] [TARGET...]
+                              build the cargo-fuzz targets in fuzz/ (nightly; cargo-fuzz installed
+                              when root) and run each (default: all) for N seconds (default 60) on
+                              fuzz/corpus/TARGET; prints execs and findings, exits 1 on any finding
+  fuzz --reproduce [TARGET...]
+                              re-run every saved artifact in fuzz/artifacts/ and report which still fail
   guest                       not implemented yet
 ";
 
@@ -61,10 +68,7 @@ fn main() -> ExitCode {
         "test" => test::run_tests(rest),
         "demo" => demo::run_demo(rest),
         "bench" => bench::run_bench(rest),
-        "fuzz" => not_implemented(
-            "fuzz",
-            "fuzz targets for the qcow2/VHD parsers are the subject of a later issue",
-        ),
+        "fuzz" => fuzz::run_fuzz(rest),
         "guest" => not_implemented(
             "guest",
             "booting a test guest for domain snapshots is the subject of a later issue",
