@@ -81,6 +81,7 @@ fn write_new_file(path: &Path, replace: bool, options: &CreateOptions) -> Result
     let io = FileIo::from_file(file, &tmp);
     let result = create_image(&io, options).and_then(|_| {
         if replace {
+            keep_owner_and_mode(path, &tmp)?;
             std::fs::rename(&tmp, path).map_err(|e| Error::io("replace image", e).with_path(path))
         } else {
             std::fs::hard_link(&tmp, path)
@@ -94,6 +95,21 @@ fn write_new_file(path: &Path, replace: bool, options: &CreateOptions) -> Result
     }
     result?;
     sync_dir(dir)
+}
+
+/// Gives `new` the permissions and owner of `old`, so replacing an image keeps who may read it
+/// (an image made 0600 and owned by the hypervisor's user stays so).
+fn keep_owner_and_mode(old: &Path, new: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(old).map_err(|e| Error::io("stat image", e).with_path(old))?;
+    std::fs::set_permissions(new, meta.permissions())
+        .map_err(|e| Error::io("set permissions", e).with_path(new))?;
+    match std::os::unix::fs::chown(new, Some(meta.uid()), Some(meta.gid())) {
+        // Not being allowed to give a file away (not root) leaves it ours, like `cp`.
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+        Err(e) => Err(Error::io("set owner", e).with_path(new)),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -521,10 +537,7 @@ pub fn delete_layer_in_batches(
             }
         }
         batch_bytes += cs;
-        if batch_bytes >= batch_limit
-            || buffered >= STREAM_BUFFER_BYTES
-            || items.peek().is_none()
-        {
+        if batch_bytes >= batch_limit || buffered >= STREAM_BUFFER_BYTES || items.peek().is_none() {
             child.write_clusters(std::mem::take(&mut batch), copy_source)?;
             batch_bytes = 0;
             buffered = 0;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use snap_backend_qcow2::external::{
-    create_external, delete_layer, plan_delete_layer, revert_to_layer,
+    create_external, delete_layer, delete_layer_in_batches, plan_delete_layer, revert_to_layer,
 };
 use snap_core::{ChainLayer, DiskFormat, ErrorKind};
 use tempfile::TempDir;
@@ -209,7 +209,8 @@ fn interrupted_merge_resumes() {
 
     // Stop after the first batch.
     let mut calls = Vec::new();
-    let err = delete_layer(&c.top, &c.mid, |done, total| {
+    // 32 MiB batches (the default is larger) so the 80 MiB layer takes several.
+    let err = delete_layer_in_batches(&c.top, &c.mid, 32 * MIB, |done, total| {
         calls.push((done, total));
         false
     })
@@ -254,7 +255,7 @@ fn interrupted_merge_resumes() {
 
     // Run it again to the end.
     let mut calls = Vec::new();
-    let deleted = delete_layer(&c.top, &c.mid, |done, total| {
+    let deleted = delete_layer_in_batches(&c.top, &c.mid, 32 * MIB, |done, total| {
         calls.push((done, total));
         true
     })
