@@ -129,6 +129,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             let backend = backend_for(&image, format)?;
             let target = target(name, layer)?;
             if let Target::Layer(layer) = &target {
+                if detect(&image, format)? == DiskFormat::Vhd {
+                    return delete_vhd_layer(&image, layer, dry_run).await;
+                }
                 return delete_layer(&image, layer, dry_run).await;
             }
             if dry_run {
@@ -145,6 +148,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
         } => {
             let fmt = detect(&image, format)?;
+            if fmt == DiskFormat::Vhd {
+                return check_vhd(&image, json).await;
+            }
             if fmt != DiskFormat::Qcow2 {
                 return Err(unsupported_format(&image, fmt));
             }
@@ -189,6 +195,136 @@ fn describe(target: &Target) -> String {
         Target::Internal(name) => format!("snapshot {name:?}"),
         Target::Layer(path) => format!("layer {}", path.display()),
     }
+}
+
+/// `disk check` of a VHD chain: every layer's structures (BAT in range, no overlapping blocks,
+/// footer copies equal, checksums). Space no structure uses (left behind by a relink on
+/// purpose) is reported, not an error.
+async fn check_vhd(image: &Path, json: bool) -> Result<u8> {
+    let path = image.to_path_buf();
+    let report = tokio::task::spawn_blocking(move || {
+        snap_backend_vhd::check_path(&path, Default::default())
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "image": image,
+                "format": "vhd",
+                "corruptions": report.corruptions,
+                "leaked_bytes": report.leaked_bytes,
+                "allocated_blocks": report.allocated_blocks,
+                "total_blocks": report.total_blocks,
+                "messages": report.messages,
+            })
+        );
+    } else {
+        for m in &report.messages {
+            println!("{m}");
+        }
+        if report.corruptions == 0 {
+            println!("No errors were found on the image.");
+        }
+        if report.leaked_bytes > 0 {
+            println!(
+                "{} bytes of the file are unused (harmless).",
+                report.leaked_bytes
+            );
+        }
+        println!(
+            "{}/{} blocks allocated",
+            report.allocated_blocks, report.total_blocks
+        );
+    }
+    if report.corruptions > 0 {
+        return Err(Error::corrupt(format!(
+            "{} errors were found on the image; data may be corrupted",
+            report.corruptions
+        ))
+        .with_path(image));
+    }
+    Ok(0)
+}
+
+/// `disk delete IMAGE --layer PATH` for VHD chains: coalesce into the child, reparent.
+async fn delete_vhd_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u8> {
+    let (image, layer) = (image.to_path_buf(), layer.to_path_buf());
+    if dry_run {
+        let listing = {
+            let image = image.clone();
+            tokio::task::spawn_blocking(move || {
+                snap_backend_vhd::list_path(&image, Default::default())
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??
+        };
+        let want = std::fs::canonicalize(&layer)
+            .map_err(|e| Error::io("open layer", e).with_path(&layer))?;
+        let Some(index) = listing
+            .chain
+            .iter()
+            .position(|l| std::fs::canonicalize(&l.path).ok().as_deref() == Some(want.as_path()))
+        else {
+            return Err(Error::not_found(format!(
+                "{} is not a backing layer of this image",
+                layer.display()
+            ))
+            .with_path(&image));
+        };
+        let child = index
+            .checked_sub(1)
+            .and_then(|i| listing.chain.get(i))
+            .map(|l| l.path.clone())
+            .unwrap_or(image);
+        let parent = listing
+            .chain
+            .get(index + 1)
+            .map(|l| l.path.display().to_string());
+        println!(
+            "plan: coalesce {} into {}, then reparent {} to {}, then remove {} unless other disks in its folder use it \
+             (nothing changed: --dry-run)",
+            layer.display(),
+            child.display(),
+            child.display(),
+            parent.unwrap_or_else(|| "nothing (it becomes a dynamic disk)".into()),
+            layer.display()
+        );
+        return Ok(0);
+    }
+    let out = tokio::task::spawn_blocking(move || {
+        snap_backend_vhd::delete_layer(&image, &layer, Default::default()).map(|o| (o, layer))
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+    let (outcome, layer) = out;
+    println!(
+        "merged {} into {} ({} bytes copied){}",
+        layer.display(),
+        outcome.child.display(),
+        outcome.sectors_copied * 512,
+        if outcome.child_now_dynamic {
+            "; it is now a dynamic disk with no parent"
+        } else {
+            ""
+        }
+    );
+    if outcome.removed {
+        println!("removed {}", layer.display());
+    } else {
+        let users: Vec<String> = outcome
+            .kept_for
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "kept {}: it is still the parent of {}",
+            layer.display(),
+            users.join(", ")
+        );
+    }
+    Ok(0)
 }
 
 /// `disk delete IMAGE --layer PATH` (qcow2 chains): plan, progress bar, and what was kept.
@@ -392,6 +528,7 @@ fn unsupported_format(image: &Path, format: DiskFormat) -> Error {
 fn backend_for(image: &Path, format: Option<FormatArg>) -> Result<Box<dyn DiskBackend>> {
     match detect(image, format)? {
         DiskFormat::Qcow2 => Ok(Box::new(Qcow2Backend::new(image))),
+        DiskFormat::Vhd => Ok(Box::new(snap_backend_vhd::VhdBackend::new(image))),
         other => Err(unsupported_format(image, other)),
     }
 }
