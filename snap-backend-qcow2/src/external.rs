@@ -324,36 +324,49 @@ fn walk_stream<IO: BlockIo>(
             }
         }
         DiskFormat::Raw => {
-            // A raw layer provides every cluster; the child's view supplies the bytes.
+            // A raw layer provides every cluster; only the ones holding data need copying (a raw
+            // layer is always the base, so what it does not store reads as zeroes either way).
+            let raw = FileIo::open(layer, false)?;
+            let ranges = data_ranges(raw.file(), raw.len()?)?;
             let clusters = size.div_ceil(cs);
-            for c in 0..clusters {
-                let guest = c * cs;
-                provided += 1;
-                let i = (guest / span) as usize;
-                let j = ((guest % span) / cs) as usize;
-                let child_l2 = child.active_l1().get(i).map(|e| e.l2_offset()).unwrap_or(0);
-                let cmap = if child_l2 == 0 {
-                    Mapping::Unallocated
-                } else {
-                    let mut entry = [0u8; 16];
-                    let esize = geom.entry_size();
-                    let slice = entry.get_mut(..esize).unwrap_or_default();
-                    child
-                        .io()
-                        .read_exact_at(slice, child_l2 + (j * esize) as u64)?;
-                    geom.mapping(
-                        geom.entry(slice, 0)
-                            .ok_or_else(|| Error::corrupt("L2 entry out of range"))?,
-                    )?
-                };
-                match cmap {
-                    Mapping::Unallocated => visit(guest, Fill::Data(Some(guest)))?,
-                    Mapping::Subclusters { alloc, zero, .. } if alloc | zero != u32::MAX => {
-                        visit(guest, Fill::Data(None))?
+            provided = clusters;
+            let mut last_visited: Option<u64> = None;
+            for (start, end) in ranges {
+                let first = start / cs;
+                let last = end.div_ceil(cs).min(clusters);
+                for c in first..last {
+                    if last_visited.is_some_and(|v| c <= v) {
+                        continue;
                     }
-                    _ => {}
+                    last_visited = Some(c);
+                    let guest = c * cs;
+                    let i = (guest / span) as usize;
+                    let j = ((guest % span) / cs) as usize;
+                    let child_l2 = child.active_l1().get(i).map(|e| e.l2_offset()).unwrap_or(0);
+                    let cmap = if child_l2 == 0 {
+                        Mapping::Unallocated
+                    } else {
+                        let mut entry = [0u8; 16];
+                        let esize = geom.entry_size();
+                        let slice = entry.get_mut(..esize).unwrap_or_default();
+                        child
+                            .io()
+                            .read_exact_at(slice, child_l2 + (j * esize) as u64)?;
+                        geom.mapping(
+                            geom.entry(slice, 0)
+                                .ok_or_else(|| Error::corrupt("L2 entry out of range"))?,
+                        )?
+                    };
+                    match cmap {
+                        Mapping::Unallocated => visit(guest, Fill::Data(Some(guest)))?,
+                        Mapping::Subclusters { alloc, zero, .. } if alloc | zero != u32::MAX => {
+                            visit(guest, Fill::Data(None))?
+                        }
+                        _ => {}
+                    }
                 }
             }
+            let _ = layer_has_backing;
         }
         other => {
             return Err(Error::unsupported(format!(
@@ -573,4 +586,35 @@ pub fn delete_layer_in_batches(
         false
     };
     Ok(LayerDeleted { plan, removed })
+}
+
+/// The byte ranges of `file` (of length `len`) that hold data, from SEEK_DATA/SEEK_HOLE; the whole
+/// file when the file system cannot tell.
+fn data_ranges(file: &std::fs::File, len: u64) -> Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos = 0i64;
+    let end = i64::try_from(len).map_err(|_| Error::invalid("file too large"))?;
+    while pos < end {
+        let start = match lseek(fd, pos, Whence::SeekData) {
+            Ok(s) => s,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => {
+                return Ok(vec![(0, len)]);
+            }
+            Err(e) => return Err(Error::io("find data", std::io::Error::from(e))),
+        };
+        let stop = match lseek(fd, start, Whence::SeekHole) {
+            Ok(h) => h.min(end),
+            Err(_) => end,
+        };
+        if stop <= start {
+            break;
+        }
+        ranges.push((start as u64, stop as u64));
+        pos = stop;
+    }
+    Ok(ranges)
 }
