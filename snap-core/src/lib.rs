@@ -17,6 +17,7 @@
 )]
 
 pub mod backend;
+pub mod bytes;
 pub mod error;
 pub mod io;
 pub mod lock;

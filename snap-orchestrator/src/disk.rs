@@ -155,9 +155,7 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
                 return Err(unsupported_format(&image, fmt));
             }
             let path = image.clone();
-            let report = tokio::task::spawn_blocking(move || check_path(&path))
-                .await
-                .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+            let report = blocking(move || check_path(&path)).await?;
             print_check(&image, &report, json);
             if report.corruptions > 0 {
                 return Err(Error::corrupt(format!(
@@ -169,6 +167,15 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             Ok(if report.leaks > 0 { 3 } else { 0 })
         }
     }
+}
+
+/// Runs file work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))?
 }
 
 fn refuse_online(online: &OnlineArgs) -> Result<()> {
@@ -202,11 +209,7 @@ fn describe(target: &Target) -> String {
 /// purpose) is reported, not an error.
 async fn check_vhd(image: &Path, json: bool) -> Result<u8> {
     let path = image.to_path_buf();
-    let report = tokio::task::spawn_blocking(move || {
-        snap_backend_vhd::check_path(&path, Default::default())
-    })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+    let report = blocking(move || snap_backend_vhd::check_path(&path, Default::default())).await?;
     if json {
         println!(
             "{}",
@@ -254,11 +257,7 @@ async fn delete_vhd_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u
     if dry_run {
         let listing = {
             let image = image.clone();
-            tokio::task::spawn_blocking(move || {
-                snap_backend_vhd::list_path(&image, Default::default())
-            })
-            .await
-            .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??
+            blocking(move || snap_backend_vhd::list_path(&image, Default::default())).await?
         };
         let want = std::fs::canonicalize(&layer)
             .map_err(|e| Error::io("open layer", e).with_path(&layer))?;
@@ -293,11 +292,10 @@ async fn delete_vhd_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u
         );
         return Ok(0);
     }
-    let out = tokio::task::spawn_blocking(move || {
+    let out = blocking(move || {
         snap_backend_vhd::delete_layer(&image, &layer, Default::default()).map(|o| (o, layer))
     })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+    .await?;
     let (outcome, layer) = out;
     println!(
         "merged {} into {} ({} bytes copied){}",
@@ -331,16 +329,14 @@ async fn delete_vhd_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u
 async fn delete_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u8> {
     let (image, layer) = (image.to_path_buf(), layer.to_path_buf());
     if dry_run {
-        let plan = tokio::task::spawn_blocking(move || {
-            snap_backend_qcow2::external::plan_delete_layer(&image, &layer)
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+        let plan =
+            blocking(move || snap_backend_qcow2::external::plan_delete_layer(&image, &layer))
+                .await?;
         print_layer_plan(&plan);
         println!("(nothing changed: --dry-run)");
         return Ok(0);
     }
-    let done = tokio::task::spawn_blocking(move || {
+    let done = blocking(move || {
         let bar = progress_bar();
         let result = snap_backend_qcow2::external::delete_layer(&image, &layer, |done, total| {
             if let Some(bar) = &bar {
@@ -354,8 +350,7 @@ async fn delete_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u8> {
         }
         result
     })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))??;
+    .await?;
     let plan = &done.plan;
     println!(
         "merged {} into {} ({} bytes copied); {} now reads from {}",

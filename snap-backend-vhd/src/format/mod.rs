@@ -23,42 +23,7 @@ pub const SECTOR: u64 = 512;
 /// Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).
 pub const VHD_EPOCH_UNIX: u64 = 946_684_800;
 
-/// Reads a big-endian u16 at `at`, or `None` when out of range.
-pub(crate) fn be16(bytes: &[u8], at: usize) -> Option<u16> {
-    let b = bytes.get(at..at.checked_add(2)?)?;
-    Some(u16::from_be_bytes(b.try_into().ok()?))
-}
-
-/// Reads a big-endian u32 at `at`, or `None` when out of range.
-pub(crate) fn be32(bytes: &[u8], at: usize) -> Option<u32> {
-    let b = bytes.get(at..at.checked_add(4)?)?;
-    Some(u32::from_be_bytes(b.try_into().ok()?))
-}
-
-/// Reads a big-endian u64 at `at`, or `None` when out of range.
-pub(crate) fn be64(bytes: &[u8], at: usize) -> Option<u64> {
-    let b = bytes.get(at..at.checked_add(8)?)?;
-    Some(u64::from_be_bytes(b.try_into().ok()?))
-}
-
-/// Copies `N` bytes at `at`, or `None` when out of range.
-pub(crate) fn array<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
-    bytes.get(at..at.checked_add(N)?)?.try_into().ok()
-}
-
-/// Writes `src` at `at`; returns false when out of range.
-pub(crate) fn put(bytes: &mut [u8], at: usize, src: &[u8]) -> bool {
-    match at
-        .checked_add(src.len())
-        .and_then(|end| bytes.get_mut(at..end))
-    {
-        Some(dst) => {
-            dst.copy_from_slice(src);
-            true
-        }
-        None => false,
-    }
-}
+pub(crate) use snap_core::bytes::{array, be16, be32, be64, put};
 
 /// The VHD checksum: the one's complement of the sum of all bytes, with the 4-byte checksum field
 /// at `checksum_at` counted as zero.
