@@ -8,6 +8,11 @@
 //! present/absent, data reverted) and `qemu-img check` must call the image clean. Peak RSS comes from GNU time (`/usr/bin/time -f %M`).
 //!
 //! Missed targets are reported, not fatal; a command that fails or a wrong result exits 1.
+//!
+//! The second part (`merge`, see [`merge`]) times deleting a layer of an external-snapshot chain
+//! against `qemu-img rebase` and `qemu-img commit`. `--only snapshot|merge` runs one part.
+
+mod merge;
 
 use crate::proc::{TempDir, Workspace, capture, display, run};
 use crate::sysdeps::{GNU_TIME, ensure_gnu_time, ensure_qemu_tools};
@@ -25,11 +30,29 @@ const RSS_LIMIT_MIB: f64 = 64.0;
 
 #[derive(Debug, PartialEq)]
 struct Options {
+    /// Virtual size of the snapshot part's image (the merge part has its own sizes).
     size: String,
     /// Each operation this many times (fresh copy each time); the table shows the median.
     runs: usize,
     criterion: bool,
+    /// Guest data per layer in the merge part's chain, bytes.
+    merge_data: u64,
+    /// Run only this part; both when None.
+    only: Option<Part>,
 }
+
+/// The two parts of the bench.
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Part {
+    /// Internal snapshots: snapctl against `qemu-img snapshot -c/-a/-d`.
+    Snapshot,
+    /// External chains: `snapctl disk delete --layer` against `qemu-img rebase` / `commit`.
+    Merge,
+}
+
+/// Bounds of `--merge-data`: the chain must fit in its 64G image (mid's data ends at 1.5x).
+const MERGE_DATA_MIN: u64 = 16 << 20;
+const MERGE_DATA_MAX: u64 = 32 << 30;
 
 pub fn run_bench(args: &[String]) -> Result {
     let options = parse_options(args)?;
@@ -42,6 +65,45 @@ pub fn run_bench(args: &[String]) -> Result {
     let snapctl = workspace.binary("release", "snapctl");
     std::fs::create_dir_all(&workspace.target)
         .map_err(|err| format!("cannot create {}: {err}", workspace.target.display()))?;
+    // Both parts run even when the first fails, so that one run shows every figure.
+    let mut outcomes = Vec::new();
+    if options.only != Some(Part::Merge) {
+        outcomes.push(snapshot_bench(&workspace, &snapctl, &options, measure_rss));
+    }
+    if options.only != Some(Part::Snapshot) {
+        outcomes.push(merge::run_merge(
+            &workspace.target,
+            &snapctl,
+            options.merge_data,
+            options.runs,
+            measure_rss,
+        ));
+    }
+    let messages: Vec<String> = outcomes
+        .into_iter()
+        .filter_map(|outcome| match outcome.err()? {
+            Failure::Usage(message)
+            | Failure::Failed(message)
+            | Failure::NotImplemented(message) => Some(message),
+        })
+        .collect();
+    if !messages.is_empty() {
+        return Err(Failure::Failed(messages.join("\n")));
+    }
+    if options.criterion {
+        println!("\n==> cargo bench --workspace");
+        run(workspace.cargo().args(["bench", "--workspace"]))?;
+    }
+    Ok(())
+}
+
+/// Snapshot create/revert/delete against `qemu-img snapshot` (the first part).
+fn snapshot_bench(
+    workspace: &Workspace,
+    snapctl: &Path,
+    options: &Options,
+    measure_rss: bool,
+) -> Result {
     let scratch = TempDir::new(&workspace.target, "xtask-bench")?;
     let free = free_bytes(scratch.path())?;
     if free < MIN_FREE {
@@ -54,17 +116,12 @@ pub fn run_bench(args: &[String]) -> Result {
     }
     let bench = Bench {
         dir: scratch.path().to_path_buf(),
-        snapctl,
+        snapctl: snapctl.to_path_buf(),
         measure_rss,
     };
     let outcome = bench.run(&options.size, options.runs);
     drop(scratch);
-    outcome?;
-    if options.criterion {
-        println!("\n==> cargo bench --workspace");
-        run(workspace.cargo().args(["bench", "--workspace"]))?;
-    }
-    Ok(())
+    Ok(outcome?)
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -72,6 +129,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         size: "1T".to_string(),
         runs: 1,
         criterion: false,
+        merge_data: 1 << 30,
+        only: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -102,6 +161,32 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     Failure::Usage(format!("--runs {runs}: expected a count of 1 or more"))
                 })?;
             }
+            "--merge-data" => {
+                let size = value()?;
+                options.merge_data = size_bytes(&size)
+                    .filter(|bytes| {
+                        (MERGE_DATA_MIN..=MERGE_DATA_MAX).contains(bytes)
+                            && bytes.is_multiple_of(1 << 20)
+                    })
+                    .ok_or_else(|| {
+                        Failure::Usage(format!(
+                            "--merge-data {size}: expected a whole number of MiB from 16M to 32G, \
+                             like 1G or 512M"
+                        ))
+                    })?;
+            }
+            "--only" => {
+                let part = value()?;
+                options.only = Some(match part.as_str() {
+                    "snapshot" => Part::Snapshot,
+                    "merge" => Part::Merge,
+                    _ => {
+                        return Err(Failure::Usage(format!(
+                            "--only {part}: expected `snapshot` or `merge`"
+                        )));
+                    }
+                });
+            }
             _ => return Err(Failure::Usage(format!("bench: unexpected `{arg}`"))),
         }
     }
@@ -115,6 +200,27 @@ fn valid_size(size: &str) -> bool {
         && digits.chars().all(|c| c.is_ascii_digit())
         && size.len() - digits.len() <= 1
         && digits.chars().any(|c| c != '0')
+}
+
+/// A size in qemu's notation (binary suffixes; k and K both mean KiB) in bytes.
+fn size_bytes(size: &str) -> Option<u64> {
+    if !valid_size(size) {
+        return None;
+    }
+    let digits = size.trim_end_matches(['k', 'K', 'M', 'G', 'T', 'P', 'E']);
+    let shift = match &size[digits.len()..] {
+        "" => 0,
+        "k" | "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        _ => 60,
+    };
+    let value: u64 = digits.parse().ok()?;
+    value
+        .checked_mul(1 << shift)
+        .filter(|bytes| bytes >> shift == value)
 }
 
 /// Bytes available to us on the filesystem holding `dir` (`df -Pk`).
@@ -301,44 +407,9 @@ impl Bench {
         let _ = std::fs::remove_file(self.dir.join(WORK));
     }
 
-    /// Prints and runs `command`, timing it and (with GNU time) taking its peak RSS.
+    /// Prints and runs `command` in its directory, timing it and taking its peak RSS.
     fn timed(&self, command: &mut Command) -> std::result::Result<Timed, String> {
-        println!("$ {}", display(command));
-        let rss_file = self.dir.join("rss.txt");
-        let mut child = if self.measure_rss {
-            let mut wrapped = Command::new(GNU_TIME);
-            wrapped
-                .arg("-f")
-                .arg("%M")
-                .arg("-o")
-                .arg(&rss_file)
-                .arg(command.get_program())
-                .args(command.get_args())
-                .current_dir(&self.dir);
-            wrapped
-        } else {
-            let mut plain = Command::new(command.get_program());
-            plain.args(command.get_args()).current_dir(&self.dir);
-            plain
-        };
-        let started = Instant::now();
-        let output = capture(&mut child)?;
-        let seconds = started.elapsed().as_secs_f64();
-        print!("{}", String::from_utf8_lossy(&output.stdout));
-        eprint!("{}", String::from_utf8_lossy(&output.stderr));
-        let rss_kib = self.measure_rss.then(|| peak_rss(&rss_file)).flatten();
-        println!(
-            "({seconds:.3} s{})",
-            rss_kib.map_or(String::new(), |kib| format!(
-                ", peak RSS {:.1} MiB",
-                mib(kib)
-            ))
-        );
-        if output.status.success() {
-            Ok(Timed { seconds, rss_kib })
-        } else {
-            Err(format!("`{}` failed ({})", display(command), output.status))
-        }
+        timed(command, &self.dir.join("rss.txt"), self.measure_rss)
     }
 
     /// Whether snapctl's result is what the operation promises.
@@ -406,6 +477,52 @@ impl Bench {
     }
 }
 
+/// Prints and runs `command` (in the directory set on it), timing it and, with GNU time writing to
+/// `rss_file`, taking its peak RSS. An unsuccessful exit is an error.
+fn timed(
+    command: &mut Command,
+    rss_file: &Path,
+    measure_rss: bool,
+) -> std::result::Result<Timed, String> {
+    println!("$ {}", display(command));
+    let mut child = if measure_rss {
+        let mut wrapped = Command::new(GNU_TIME);
+        wrapped
+            .arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(rss_file)
+            .arg(command.get_program())
+            .args(command.get_args());
+        wrapped
+    } else {
+        let mut plain = Command::new(command.get_program());
+        plain.args(command.get_args());
+        plain
+    };
+    if let Some(dir) = command.get_current_dir() {
+        child.current_dir(dir);
+    }
+    let started = Instant::now();
+    let output = capture(&mut child)?;
+    let seconds = started.elapsed().as_secs_f64();
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    let rss_kib = measure_rss.then(|| peak_rss(rss_file)).flatten();
+    println!(
+        "({seconds:.3} s{})",
+        rss_kib.map_or(String::new(), |kib| format!(
+            ", peak RSS {:.1} MiB",
+            mib(kib)
+        ))
+    );
+    if output.status.success() {
+        Ok(Timed { seconds, rss_kib })
+    } else {
+        Err(format!("`{}` failed ({})", display(command), output.status))
+    }
+}
+
 /// Runs `once` `runs` times (stopping at the first failure): the median time, the largest peak RSS.
 fn repeat(
     runs: usize,
@@ -415,12 +532,17 @@ fn repeat(
     for _ in 0..runs {
         all.push(once()?);
     }
+    Ok(median(all))
+}
+
+/// The median time of `all` and the largest peak RSS among them.
+fn median(mut all: Vec<Timed>) -> Timed {
     all.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
     let median = all.get(all.len() / 2).map_or(0.0, |timed| timed.seconds);
-    Ok(Timed {
+    Timed {
         seconds: median,
         rss_kib: all.iter().filter_map(|timed| timed.rss_kib).max(),
-    })
+    }
 }
 
 fn check_verdict(status: ExitStatus) -> &'static str {
@@ -598,6 +720,8 @@ mod tests {
             size: "1T".to_string(),
             runs: 1,
             criterion: false,
+            merge_data: 1 << 30,
+            only: None,
         };
         assert_eq!(parse_options(&[]).ok(), Some(defaults));
         let quick = parse_options(&args(&["--size", "64G", "--criterion", "--runs=3"])).ok();
@@ -606,9 +730,26 @@ mod tests {
             Some(Options {
                 size: "64G".to_string(),
                 runs: 3,
-                criterion: true
+                criterion: true,
+                merge_data: 1 << 30,
+                only: None,
             })
         );
+        let merge = parse_options(&args(&["--only", "merge", "--merge-data=512M"])).ok();
+        assert_eq!(
+            merge,
+            Some(Options {
+                size: "1T".to_string(),
+                runs: 1,
+                criterion: false,
+                merge_data: 512 << 20,
+                only: Some(Part::Merge),
+            })
+        );
+        assert!(matches!(
+            parse_options(&args(&["--only=snapshot", "--merge-data", "2G"])),
+            Ok(Options { only: Some(Part::Snapshot), merge_data, .. }) if merge_data == 2 << 30
+        ));
         assert!(matches!(
             parse_options(&args(&["--size=2T"])),
             Ok(Options { ref size, .. }) if size == "2T"
@@ -621,6 +762,13 @@ mod tests {
             &["--runs", "x"],
             &["--criterion=yes"],
             &["--fast"],
+            &["--only"],
+            &["--only", "both"],
+            &["--merge-data"],
+            &["--merge-data", "8M"],
+            &["--merge-data", "33G"],
+            &["--merge-data", "1000k"],
+            &["--merge-data", "lots"],
         ] {
             assert!(
                 matches!(parse_options(&args(bad)), Err(Failure::Usage(_))),
@@ -636,7 +784,15 @@ mod tests {
         }
         for bad in ["", "T", "1TT", "1.5T", "-1G", "0"] {
             assert!(!valid_size(bad), "{bad}");
+            assert_eq!(size_bytes(bad), None, "{bad}");
         }
+        assert_eq!(size_bytes("1G"), Some(1 << 30));
+        assert_eq!(size_bytes("512M"), Some(512 << 20));
+        assert_eq!(size_bytes("100k"), Some(102_400));
+        assert_eq!(size_bytes("64K"), Some(65_536));
+        assert_eq!(size_bytes("1073741824"), Some(1 << 30));
+        assert_eq!(size_bytes("1T"), Some(1 << 40));
+        assert_eq!(size_bytes("16E"), None, "overflows u64");
     }
 
     #[test]

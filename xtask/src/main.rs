@@ -3,7 +3,8 @@
 //! - `test`  installs what the tests need (qemu-utils >= 10, cargo-nextest when root), builds the
 //!   workspace, runs every test (nextest + doctests), clippy and rustfmt; CI runs exactly this.
 //! - `demo`  a guided tour of `snapctl disk` on a generated qcow2 image.
-//! - `bench` snapctl against `qemu-img snapshot` on a fully allocated (sparse) 1 TiB image.
+//! - `bench` snapctl against `qemu-img snapshot` on a fully allocated (sparse) 1 TiB image, and
+//!   layer merge (`disk delete --layer`) against `qemu-img rebase`/`commit`.
 //! - `fuzz`  runs the cargo-fuzz targets of `fuzz/` for a while each and reports what they found.
 //! - `guest` is a placeholder for a later issue.
 
@@ -23,9 +24,11 @@ commands:
   test [-- NEXTEST-ARGS...]   install missing test tools (when root), build the workspace, run every
                               test (cargo nextest + doctests), clippy -D warnings and rustfmt --check
   demo                        walk through snapctl disk create/list/revert/delete/check on a temp image
-  bench [--size SIZE] [--runs N] [--criterion]
+  bench [--size SIZE] [--runs N] [--criterion] [--merge-data SIZE] [--only snapshot|merge]
                               time snapctl against qemu-img snapshot -c/-a/-d on a fully allocated
-                              qcow2 image (default 1T, sparse), median of N runs (default 1);
+                              qcow2 image (default 1T, sparse), and disk delete --layer against
+                              qemu-img rebase/commit on a 3-layer chain (default 1G of data per
+                              layer, on 64G and 1T); median of N runs (default 1);
                               --criterion also runs cargo bench
   fuzz [--seconds N] [TARGET...]
                               build the cargo-fuzz targets in fuzz/ (nightly; cargo-fuzz installed
