@@ -339,7 +339,21 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
         // In the kernel when the file system can (measured here: 1 GiB in ~1.3 s, against ~2.7 s
         // through a user-space buffer); a buffer otherwise.
         if let Some(dst) = self.img.io.file() {
-            if snap_core::io::copy_range(src, src_offset, dst, offset, len)? {
+            // In chunks, starting the write-back of each as soon as it is copied, so the disk
+            // works while the next chunk is copied (the commit's flush then waits for less).
+            const CHUNK: u64 = 32 << 20;
+            let mut done = 0u64;
+            let mut in_kernel = true;
+            while done < len && in_kernel {
+                let n = CHUNK.min(len - done);
+                in_kernel =
+                    snap_core::io::copy_range(src, src_offset + done, dst, offset + done, n)?;
+                if in_kernel {
+                    start_writeback(dst, offset + done, n);
+                    done += n;
+                }
+            }
+            if in_kernel {
                 return Ok(());
             }
         }
@@ -877,4 +891,18 @@ pub(crate) fn validate_metadata_refcounts<IO: BlockIo>(
         }
     }
     Ok(())
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` back to disk now (and to drop them from
+/// the page cache once written: new image data is not read again soon). Advisory: errors ignored.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    if let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) {
+        let _ = nix::fcntl::posix_fadvise(
+            file.as_raw_fd(),
+            offset,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
 }
