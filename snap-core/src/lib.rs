@@ -22,6 +22,7 @@ pub mod error;
 pub mod io;
 pub mod lock;
 pub mod model;
+pub mod qmp;
 
 pub use backend::{Capabilities, CreateRequest, DiskBackend, Target};
 pub use error::{Error, ErrorKind, Result};
