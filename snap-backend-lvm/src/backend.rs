@@ -11,8 +11,8 @@ use snap_core::{
 use crate::command::Lvm;
 use crate::name::LvRef;
 use crate::ops::{
-    self, CreateInfo, LvmListing, RevertOutcome, SnapshotSize, create_info, listing_from_rows,
-    plan_create, plan_delete, plan_revert, require_device_mapper,
+    self, CreateInfo, LvmListing, RevertOutcome, SnapshotKind, SnapshotSize, create_info,
+    listing_from_rows, plan_create, plan_delete, plan_revert, require_device_mapper,
 };
 
 /// The message for layer and external requests.
@@ -100,6 +100,9 @@ impl LvmBackend {
     pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
         let rows = self.lvm.lvs(self.origin.vg()).await?;
         let plan = plan_delete(&self.origin, &rows, name)?;
+        if plan.kind == SnapshotKind::Thin {
+            require_device_mapper(&format!("delete thin snapshot {name} of {}", self.origin))?;
+        }
         self.lvm.run(plan.subcommand, &plan.args).await.map(drop)
     }
 

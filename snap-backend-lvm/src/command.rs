@@ -266,15 +266,15 @@ pub fn classify_failure(subcommand: &str, status: &str, stderr: &str, stdout: &s
 }
 
 /// Whether the kernel has device-mapper (what lvm2 needs to create and merge snapshots): its
-/// misc device is registered, its module is loaded or built in, or a loadable module exists.
+/// misc device is registered (`/proc/misc`), its module is loaded or built in
+/// (`/sys/module/dm_mod`), or a loadable `dm-mod` module exists for the running kernel.
 pub fn kernel_has_device_mapper() -> bool {
     let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
     if misc.lines().any(|l| l.trim().ends_with(" device-mapper")) {
         return true;
     }
-    if std::path::Path::new("/sys/module/dm_mod").exists()
-        || std::path::Path::new("/dev/mapper/control").exists()
-    {
+    // Not /dev/mapper/control: libdevmapper creates that node even when the driver is missing.
+    if std::path::Path::new("/sys/module/dm_mod").exists() {
         return true;
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -275,8 +275,9 @@ fn find_origin<'a>(origin: &LvRef, rows: &'a [LvRow]) -> Result<&'a LvRow> {
     })
 }
 
-/// Checks that the kernel can do what create and merge need, before lvm2 runs: lvm2 may change
-/// metadata before it finds out (a thin merge does), so refuse up front.
+/// Checks that the kernel can do what create, merge and thin removal need, before lvm2 runs:
+/// lvm2 may change metadata before it finds out (a thin merge or removal does), so refuse up
+/// front with [`ErrorKind::Unsupported`].
 pub fn require_device_mapper(operation: &str) -> Result<()> {
     if kernel_has_device_mapper() {
         return Ok(());
@@ -467,6 +468,9 @@ pub fn revert(lvm: &Lvm, origin: &LvRef, name: &str) -> Result<RevertOutcome> {
 /// Removes snapshot LV `name` of `origin` (blocking).
 pub fn delete(lvm: &Lvm, origin: &LvRef, name: &str) -> Result<()> {
     let plan = plan_delete(origin, &lvm.lvs_blocking(origin.vg())?, name)?;
+    if plan.kind == SnapshotKind::Thin {
+        require_device_mapper(&format!("delete thin snapshot {name} of {origin}"))?;
+    }
     lvm.run_blocking(plan.subcommand, &plan.args).map(drop)
 }
 
