@@ -37,8 +37,9 @@ const QEMU_TOOLS: [Tool; 3] = [
 ];
 
 /// Independent VHD readers the snap-backend-vhd tests compare against (libvhdi's `vhdiinfo` and
-/// its Python binding `pyvhdi`): Debian packages, any version, from the main suites.
-const VHD_PEER_PACKAGES: [&str; 2] = ["libvhdi-utils", "python3-libvhdi"];
+/// its Python binding `pyvhdi`), and lvm2, which the snap-backend-lvm tests run on loop devices:
+/// Debian packages, any version, from the main suites.
+const VHD_PEER_PACKAGES: [&str; 3] = ["libvhdi-utils", "python3-libvhdi", "lvm2"];
 
 /// Debian releases whose main suites carry a QEMU older than 10: install from their backports.
 const NEEDS_BACKPORTS: [&str; 1] = ["bookworm"];
