@@ -278,3 +278,65 @@ async fn real_events_and_concurrent_commands() {
     assert!(err.to_string().contains("connection closed"), "{err}");
     assert!(daemon.dir.path().exists());
 }
+
+/// `blockdev-set-active` (QEMU 10.0) is not in the qapi crate's schema (9.1): run it raw, and see
+/// its `active` field only in the raw reply (typed decoding drops fields it does not know). A
+/// writable NBD export on the node makes QEMU refuse the inactivation until the export is gone.
+#[tokio::test]
+async fn commands_the_crate_lacks_run_raw() {
+    if !have_daemon() {
+        return;
+    }
+    let daemon = start_daemon();
+    let client = QmpClient::connect(&daemon.qmp, TIMEOUT).await.unwrap();
+    let active = |nodes: &Value| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == "base")
+            .unwrap()["active"]
+            .clone()
+    };
+    let nodes = client
+        .execute_raw("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    assert_eq!(active(&nodes), json!(true));
+    let inactivate = json!({"node-name": "base", "active": false});
+    // A writable NBD export holds the node: QEMU refuses to inactivate it.
+    let err = client
+        .execute_raw("blockdev-set-active", inactivate.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(QmpError::of(&err).unwrap().class, "GenericError");
+    let mut events = client.subscribe();
+    client
+        .execute(qmp::block_export_del {
+            id: "exp0".into(),
+            mode: None,
+        })
+        .await
+        .unwrap();
+    wait_for_event(&mut events, |e| e.name == "BLOCK_EXPORT_DELETED", TIMEOUT)
+        .await
+        .unwrap();
+    client
+        .execute_raw("blockdev-set-active", inactivate)
+        .await
+        .unwrap();
+    let nodes = client
+        .execute_raw("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    assert_eq!(active(&nodes), json!(false));
+    // The typed query still decodes (the unknown field is ignored).
+    assert_eq!(base_node(&client).await.drv, "qcow2");
+    client
+        .execute_raw(
+            "blockdev-set-active",
+            json!({"node-name": "base", "active": true}),
+        )
+        .await
+        .unwrap();
+}
