@@ -120,6 +120,10 @@ pub enum DiskCommand {
         /// Path of the new active layer (default DIR/STEM.NAME.EXT).
         #[arg(long, requires = "external")]
         overlay: Option<PathBuf>,
+        /// LVM: size of a classic (COW) snapshot, in bytes with an optional K/M/G/T suffix, or a
+        /// percentage of the origin like `25%` (default 20% of the origin). Thin snapshots take none.
+        #[arg(long, value_name = "SIZE", conflicts_with = "external")]
+        size: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -320,6 +324,7 @@ mod tests {
             vec!["snapctl", "disk", "revert", "a.qcow2", "s1"],
             vec!["snapctl", "disk", "revert", "a.qcow2", "--layer", "b.qcow2"],
             vec!["snapctl", "disk", "delete", "a.qcow2", "s1"],
+            vec!["snapctl", "disk", "create", "vg/lv", "s1", "--size", "1G"],
             vec!["snapctl", "disk", "delete", "a.qcow2", "--layer", "b.qcow2"],
             vec!["snapctl", "disk", "check", "a.qcow2", "--json"],
             vec!["snapctl", "--dry-run", "disk", "create", "a.qcow2", "s1"],

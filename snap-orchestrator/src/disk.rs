@@ -21,6 +21,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             online,
         } => {
             refuse_online(&online)?;
+            if detect(&image, format)? == DiskFormat::Lvm {
+                return list_lvm(&image, json).await;
+            }
             let backend = backend_for(&image, format)?;
             let listing = backend.list().await?;
             if json {
@@ -35,12 +38,19 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             name,
             external,
             overlay,
+            size,
             json,
             format,
             online,
         } => {
             refuse_online(&online)?;
             snap_core::model::validate_snapshot_name(&name)?;
+            if detect(&image, format)? == DiskFormat::Lvm && !external {
+                return create_lvm(&image, &name, size.as_deref(), json, dry_run).await;
+            }
+            if size.is_some() {
+                return Err(Error::invalid("--size applies to LVM snapshots only"));
+            }
             let backend = backend_for(&image, format)?;
             let request = if external {
                 CreateRequest::External {
@@ -109,6 +119,15 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             let target = target(name, layer)?;
             if dry_run {
                 plan_existing(&*backend, &image, &target, "revert to").await?;
+                return Ok(0);
+            }
+            if let (Some(lvm), Target::Internal(snapshot)) = (lvm_backend(&image, format)?, &target)
+            {
+                let outcome = lvm.revert_snapshot(snapshot).await?;
+                println!(
+                    "{}",
+                    outcome.describe(&image.display().to_string(), snapshot)
+                );
                 return Ok(0);
             }
             backend.revert(&target).await?;
@@ -500,6 +519,11 @@ fn detect(image: &Path, format: Option<FormatArg>) -> Result<DiskFormat> {
     if text.starts_with("rbd:") {
         return Ok(DiskFormat::Rbd);
     }
+    // An LV is named, not probed: /dev/VG/LV, or VG/LV when no such file exists.
+    if snap_backend_lvm::LvRef::looks_like(&text) && (text.starts_with("/dev/") || !image.exists())
+    {
+        return Ok(DiskFormat::Lvm);
+    }
     let io = FileIo::open(image, false)?;
     if std::fs::metadata(image)
         .map(|m| m.is_dir())
@@ -520,10 +544,151 @@ fn unsupported_format(image: &Path, format: DiskFormat) -> Error {
     Error::new(ErrorKind::Unsupported, message).with_path(image)
 }
 
+/// The LVM backend when `image` names an LV.
+fn lvm_backend(
+    image: &Path,
+    format: Option<FormatArg>,
+) -> Result<Option<snap_backend_lvm::LvmBackend>> {
+    match detect(image, format)? {
+        DiskFormat::Lvm => Ok(Some(snap_backend_lvm::LvmBackend::new(image)?)),
+        _ => Ok(None),
+    }
+}
+
+/// `disk list` of an LV: its snapshots with size, type and fill; warnings on stderr.
+async fn list_lvm(image: &Path, json: bool) -> Result<u8> {
+    let lvm = snap_backend_lvm::LvmBackend::new(image)?;
+    let listing = lvm.list_detailed().await?;
+    for warning in &listing.warnings {
+        eprintln!("snapctl: warning: {warning}");
+    }
+    if json {
+        println!("{}", listing_json(&listing.to_disk_listing()));
+        return Ok(0);
+    }
+    println!(
+        "image: {} (lvm{}, size {} = {} bytes)",
+        listing.image,
+        if listing.thin { ", thin" } else { "" },
+        human_size(listing.size),
+        listing.size
+    );
+    if listing.snapshots.is_empty() {
+        println!("no snapshots");
+    }
+    for s in &listing.snapshots {
+        let fill = s
+            .fill_percent
+            .map(|f| format!("{f:.1}% full"))
+            .unwrap_or_else(|| "fill unknown".into());
+        println!(
+            "  {}  {:?}  {}  {}{}{}",
+            s.name,
+            s.kind,
+            human_size(s.size),
+            fill,
+            if s.invalid == Some(true) {
+                "  INVALID"
+            } else {
+                ""
+            },
+            if s.merging { "  merging" } else { "" }
+        );
+    }
+    Ok(0)
+}
+
+/// `disk create` of an LV: a thin snapshot of a thin origin, else a classic one of `size`.
+async fn create_lvm(
+    image: &Path,
+    name: &str,
+    size: Option<&str>,
+    json: bool,
+    dry_run: bool,
+) -> Result<u8> {
+    let mut lvm = snap_backend_lvm::LvmBackend::new(image)?;
+    if let Some(size) = size {
+        lvm = lvm.with_snapshot_size(parse_lvm_size(size)?);
+    }
+    if dry_run {
+        let listing = lvm.list_detailed().await?;
+        if listing.snapshot(name).is_some() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("a snapshot named {name:?} already exists"),
+            )
+            .with_path(image));
+        }
+        println!(
+            "plan: create {} snapshot LV {name:?} of {} (nothing changed: --dry-run)",
+            if listing.thin {
+                "a thin"
+            } else {
+                "a classic (COW)"
+            },
+            image.display()
+        );
+        return Ok(0);
+    }
+    let info = lvm.create_snapshot(name).await?;
+    if json {
+        println!(
+            "{}",
+            json!({"image": image, "active": image, "snapshot": {"id": info.lv, "name": name}})
+        );
+    } else {
+        println!(
+            "created {:?} snapshot {}{}",
+            info.kind,
+            info.lv,
+            info.size
+                .map(|s| format!(" ({})", human_size(s)))
+                .unwrap_or_default()
+        );
+        if info.skip_activation {
+            println!(
+                "it is skipped on normal activation: use `lvchange -ay -K {}` to activate it",
+                info.lv
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `--size`: bytes with an optional K/M/G/T suffix (powers of 1024), or `N%` of the origin.
+fn parse_lvm_size(text: &str) -> Result<snap_backend_lvm::SnapshotSize> {
+    let bad = || {
+        Error::invalid(format!(
+            "--size {text:?}: expected bytes with an optional K/M/G/T suffix, or N%"
+        ))
+    };
+    if let Some(p) = text.strip_suffix('%') {
+        let p: u32 = p.parse().map_err(|_| bad())?;
+        if p == 0 || p > 100 {
+            return Err(bad());
+        }
+        return Ok(snap_backend_lvm::SnapshotSize::PercentOfOrigin(p));
+    }
+    let suffixed = [('K', 10), ('M', 20), ('G', 30), ('T', 40)]
+        .into_iter()
+        .find_map(|(unit, shift)| {
+            text.strip_suffix([unit, unit.to_ascii_lowercase()])
+                .map(|d| (d, shift))
+        });
+    let (digits, shift) = suffixed.unwrap_or((text, 0));
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .filter(|b| *b > 0)
+        .ok_or_else(bad)?;
+    Ok(snap_backend_lvm::SnapshotSize::Bytes(bytes))
+}
+
 fn backend_for(image: &Path, format: Option<FormatArg>) -> Result<Box<dyn DiskBackend>> {
     match detect(image, format)? {
         DiskFormat::Qcow2 => Ok(Box::new(Qcow2Backend::new(image))),
         DiskFormat::Vhd => Ok(Box::new(snap_backend_vhd::VhdBackend::new(image))),
+        DiskFormat::Lvm => Ok(Box::new(snap_backend_lvm::LvmBackend::new(image)?)),
         other => Err(unsupported_format(image, other)),
     }
 }
@@ -648,4 +813,27 @@ fn print_check(image: &Path, report: &CheckReport, json: bool) {
         "{}/{} clusters allocated; image end offset {}",
         report.allocated_clusters, report.total_clusters, report.image_end_offset
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvm_sizes() {
+        use snap_backend_lvm::SnapshotSize;
+        assert_eq!(parse_lvm_size("1G").unwrap(), SnapshotSize::Bytes(1 << 30));
+        assert_eq!(
+            parse_lvm_size("512m").unwrap(),
+            SnapshotSize::Bytes(512 << 20)
+        );
+        assert_eq!(parse_lvm_size("4096").unwrap(), SnapshotSize::Bytes(4096));
+        assert_eq!(
+            parse_lvm_size("25%").unwrap(),
+            SnapshotSize::PercentOfOrigin(25)
+        );
+        for bad in ["", "G", "0", "-1G", "101%", "0%", "1.5G", "99999999999T"] {
+            assert!(parse_lvm_size(bad).is_err(), "{bad}");
+        }
+    }
 }
