@@ -29,6 +29,7 @@ pub mod external;
 pub mod format;
 mod image;
 mod internal;
+pub mod online;
 mod txn;
 
 pub use image::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2};
