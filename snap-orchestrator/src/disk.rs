@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
+use snap_backend_qcow2::online::{OnlineDisk, StreamOptions};
 use snap_backend_qcow2::{CheckReport, Qcow2Backend, chain::probe_format, check_path};
 use snap_core::io::FileIo;
 use snap_core::{
@@ -20,7 +21,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
             online,
         } => {
-            refuse_online(&online)?;
+            if let Some(disk) = connect_online(&online, &image).await? {
+                return online_list(&disk, json).await;
+            }
             if detect(&image, format)? == DiskFormat::Lvm {
                 return list_lvm(&image, json).await;
             }
@@ -43,8 +46,14 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
             online,
         } => {
-            refuse_online(&online)?;
             snap_core::model::validate_snapshot_name(&name)?;
+            if let Some(disk) = connect_online(&online, &image).await? {
+                if size.is_some() {
+                    return Err(Error::invalid("--size applies to LVM snapshots only"));
+                }
+                let overlay = if external { Some(overlay) } else { None };
+                return online_create(&disk, &name, overlay, json, dry_run).await;
+            }
             if detect(&image, format)? == DiskFormat::Lvm && !external {
                 return create_lvm(&image, &name, size.as_deref(), json, dry_run).await;
             }
@@ -114,7 +123,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
             online,
         } => {
-            refuse_online(&online)?;
+            if online.qmp.is_some() {
+                return Err(snap_backend_qcow2::online::revert_refusal());
+            }
             let backend = backend_for(&image, format)?;
             let target = target(name, layer)?;
             if dry_run {
@@ -144,7 +155,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
             online,
         } => {
-            refuse_online(&online)?;
+            if let Some(disk) = connect_online(&online, &image).await? {
+                return online_delete(&disk, &target(name, layer)?, dry_run).await;
+            }
             let backend = backend_for(&image, format)?;
             let target = target(name, layer)?;
             if let Target::Layer(layer) = &target {
@@ -197,13 +210,216 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))?
 }
 
-fn refuse_online(online: &OnlineArgs) -> Result<()> {
-    if online.qmp.is_some() {
-        return Err(Error::unsupported(
-            "online operations through QMP (--qmp/--node) are not implemented yet; stop the VM or wait for that work",
-        ));
+/// The disk in a running QEMU when `--qmp SOCKET --node NODE` were given (connected, and checked
+/// to hold `image` in its chain); `None` for an offline operation.
+async fn connect_online(online: &OnlineArgs, image: &Path) -> Result<Option<OnlineDisk>> {
+    let (socket, node) = match (&online.qmp, &online.node) {
+        (Some(socket), Some(node)) => (socket, node),
+        (None, None) => return Ok(None),
+        _ => {
+            return Err(Error::invalid(
+                "--qmp SOCKET and --node NODE-NAME go together",
+            ));
+        }
+    };
+    let disk = OnlineDisk::connect(socket, node).await?;
+    disk.check_image(image).await?;
+    let active = disk.active_node().await?;
+    if active.name != *node {
+        eprintln!(
+            "snapctl: note: node {node:?} is now a backing layer; working on the active node {:?} ({})",
+            active.name,
+            active.file.display()
+        );
     }
-    Ok(())
+    Ok(Some(disk))
+}
+
+/// `disk list --qmp`: what QEMU reports for the node.
+async fn online_list(disk: &OnlineDisk, json: bool) -> Result<u8> {
+    let listing = disk.list().await?;
+    if json {
+        println!("{}", listing_json(&listing));
+    } else {
+        print_listing(&listing);
+    }
+    Ok(0)
+}
+
+/// `disk create --qmp`: an internal snapshot, or (`overlay` given) an external overlay.
+async fn online_create(
+    disk: &OnlineDisk,
+    name: &str,
+    overlay: Option<Option<PathBuf>>,
+    json: bool,
+    dry_run: bool,
+) -> Result<u8> {
+    if let Some(overlay) = overlay {
+        if dry_run {
+            let (top, path, node) = disk.plan_external(name, overlay.as_deref()).await?;
+            println!(
+                "plan: QEMU creates overlay {} (node {node}) on node {} ({}, qcow2); it becomes the active layer \
+                 (nothing changed: --dry-run)",
+                path.display(),
+                top.name,
+                top.file.display()
+            );
+            return Ok(0);
+        }
+        let backing = disk.active_node().await?;
+        let out = disk.create_external(name, overlay.as_deref()).await?;
+        if json {
+            println!(
+                "{}",
+                json!({"image": backing.file, "active": out.overlay, "node": out.node,
+                       "snapshot": {"id": null, "name": name}})
+            );
+        } else {
+            println!("{}", out.overlay.display());
+        }
+        return Ok(0);
+    }
+    let active = disk.active_node().await?;
+    if dry_run {
+        let listing = disk.list().await?;
+        if listing
+            .snapshots
+            .iter()
+            .any(|s| s.name == name || s.id == name)
+        {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("a snapshot named {name:?} already exists"),
+            )
+            .with_path(&active.file));
+        }
+        println!(
+            "plan: create internal snapshot {name:?} of node {} ({}) through QMP (nothing changed: --dry-run)",
+            active.name,
+            active.file.display()
+        );
+        return Ok(0);
+    }
+    let snap = disk.create_internal(name).await?;
+    if json {
+        println!(
+            "{}",
+            json!({"image": active.file, "active": active.file, "snapshot": {"id": snap.id, "name": name}})
+        );
+    } else {
+        println!(
+            "created snapshot {name:?} (id {}) in {} through QMP",
+            snap.id,
+            active.file.display()
+        );
+    }
+    Ok(0)
+}
+
+/// `disk delete --qmp`: an internal snapshot, or a backing layer streamed into its child.
+async fn online_delete(disk: &OnlineDisk, target: &Target, dry_run: bool) -> Result<u8> {
+    let active = disk.active_node().await?;
+    match target {
+        Target::Internal(name) => {
+            if dry_run {
+                let listing = disk.list().await?;
+                let Some(s) = listing
+                    .snapshots
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .or_else(|| listing.snapshots.iter().find(|s| &s.id == name))
+                else {
+                    return Err(Error::not_found(format!("no snapshot named {name:?}"))
+                        .with_path(&active.file));
+                };
+                println!(
+                    "plan: delete snapshot {:?} (id {}) of node {} ({}) through QMP (nothing changed: --dry-run)",
+                    s.name,
+                    s.id,
+                    active.name,
+                    active.file.display()
+                );
+                return Ok(0);
+            }
+            let snap = disk.delete_internal(name).await?;
+            println!(
+                "deleted snapshot {:?} (id {}) from {} through QMP",
+                snap.name,
+                snap.id,
+                active.file.display()
+            );
+        }
+        Target::Layer(layer) => {
+            if dry_run {
+                let chain = disk.chain_nodes().await?;
+                let Some(i) = chain.iter().position(|n| {
+                    std::fs::canonicalize(&n.file).ok() == std::fs::canonicalize(layer).ok()
+                        || n.file == *layer
+                }) else {
+                    return Err(Error::not_found(format!(
+                        "{} is not a layer of the node's chain",
+                        layer.display()
+                    ))
+                    .with_path(layer));
+                };
+                let child = i.checked_sub(1).and_then(|c| chain.get(c)).ok_or_else(|| {
+                    Error::invalid("this is the active layer, not a backing layer").with_path(layer)
+                })?;
+                println!(
+                    "plan: QEMU streams {} into {} (node {}), which then reads from {}; the file is kept \
+                     (nothing changed: --dry-run)",
+                    layer.display(),
+                    child.file.display(),
+                    child.name,
+                    chain
+                        .get(i + 1)
+                        .map(|b| b.file.display().to_string())
+                        .unwrap_or_else(|| "no backing file".into())
+                );
+                return Ok(0);
+            }
+            let bar = progress_bar();
+            let cancel = async {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    // No signal handler: never cancel.
+                    std::future::pending::<()>().await;
+                }
+            };
+            let result = disk
+                .delete_layer(
+                    layer,
+                    &StreamOptions::default(),
+                    |done, total| {
+                        if let Some(bar) = &bar {
+                            bar.set_length(total);
+                            bar.set_position(done);
+                        }
+                    },
+                    cancel,
+                )
+                .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let done = result?;
+            println!(
+                "merged {} into {} ({} bytes processed) through QMP; {} now reads from {}",
+                done.layer.display(),
+                done.child.file.display(),
+                done.bytes,
+                done.child.file.display(),
+                done.new_backing
+                    .as_ref()
+                    .map(|b| b.file.display().to_string())
+                    .unwrap_or_else(|| "no backing file".into())
+            );
+            println!(
+                "kept {}: online operations never remove files; remove it once no QEMU has it open",
+                done.layer.display()
+            );
+        }
+    }
+    Ok(0)
 }
 
 fn target(name: Option<String>, layer: Option<PathBuf>) -> Result<Target> {
