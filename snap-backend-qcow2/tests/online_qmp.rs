@@ -281,3 +281,53 @@ async fn cancelled_stream_leaves_a_valid_chain() {
         .unwrap();
     assert_eq!(jobs, serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn stream_a_middle_layer_keeps_the_base() {
+    if !have_daemon() {
+        return;
+    }
+    let d = start("16M");
+    d.qemu_io("write -P 0x11 0 1M");
+    let disk = d.disk().await;
+    let s1 = disk.create_external("s1", None).await.unwrap();
+    d.qemu_io("write -P 0x22 0 64k");
+    let s2 = disk.create_external("s2", None).await.unwrap();
+    assert_eq!(s2.node, "base-s1-s2");
+    d.qemu_io("write -P 0x33 128k 64k");
+    let chain: Vec<PathBuf> = disk
+        .list()
+        .await
+        .unwrap()
+        .chain
+        .into_iter()
+        .map(|l| l.path)
+        .collect();
+    assert_eq!(chain, vec![s1.overlay.clone(), d.image.clone()]);
+
+    let done = disk
+        .delete_layer(
+            &s1.overlay,
+            &StreamOptions::default(),
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.child.name, s2.node);
+    assert_eq!(done.new_backing.as_ref().unwrap().name, "base");
+    let text = info(&s2.overlay);
+    assert!(
+        text.contains(&format!("backing file: {}", d.image.display())),
+        "{text}"
+    );
+    assert!(text.contains("backing file format: qcow2"), "{text}");
+    let listing = disk.list().await.unwrap();
+    assert_eq!(listing.image, s2.overlay);
+    assert_eq!(listing.chain.len(), 1);
+    assert_eq!(listing.chain[0].path, d.image);
+    d.qemu_io("read -P 0x22 0 64k");
+    d.qemu_io("read -P 0x11 64k 64k");
+    d.qemu_io("read -P 0x33 128k 64k");
+    d.qemu_io("read -P 0x11 192k 832k");
+}

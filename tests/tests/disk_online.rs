@@ -235,6 +235,16 @@ fn external_overlay_then_stream_the_base_away() {
     ]))
     .ok();
 
+    // --dry-run plans and changes nothing.
+    let r = d
+        .snapctl("delete", &["--layer", p(&d.image), "--dry-run"])
+        .ok();
+    assert!(r.stdout.starts_with("plan: "), "{}", r.describe());
+    assert!(info_u(&overlay).contains("backing file format: qcow2"));
+    let r = d.snapctl("create", &["s2", "--external", "--dry-run"]).ok();
+    assert!(r.stdout.starts_with("plan: "), "{}", r.describe());
+    assert!(!d.dir.path().join("disk.s1.s2.qcow2").exists());
+
     // Streaming the base into the overlay leaves it standalone, with all the data.
     let r = d.snapctl("delete", &["--layer", p(&d.image)]).ok();
     assert!(r.stdout.contains("no backing file"), "{}", r.describe());
