@@ -4,8 +4,13 @@
 //! installing `qemu-utils` from there would replace a newer backports build, so on bookworm we add the
 //! bookworm-backports suite (same mirror as the main suites) and install from it with
 //! `-t bookworm-backports`. apt runs with `--no-remove`: it may add and upgrade, never remove.
+//!
+//! QEMU's system emulator (`qemu-system-x86_64`, package `qemu-system-x86`, also >= 10) is optional:
+//! the tests that attach a disk to a real QEMU machine skip without it. It comes from the same
+//! suite as the tools; before installing, apt's plan is simulated and refused if it would remove
+//! anything or bring any QEMU package older than 10 (bookworm's own 7.2 would replace qemu-utils 10).
 
-use crate::proc::{run, stdout_of};
+use crate::proc::{capture, run, stdout_of};
 use crate::{Failure, Result};
 use std::path::Path;
 use std::process::Command;
@@ -36,6 +41,14 @@ const QEMU_TOOLS: [Tool; 3] = [
     },
 ];
 
+/// QEMU's x86 system emulator, for the tests that run a disk on a virtio-blk device of a real
+/// machine. Optional: installed best effort, the tests skip without it.
+const QEMU_SYSTEM: [Tool; 1] = [Tool {
+    binary: "qemu-system-x86_64",
+    package: "qemu-system-x86",
+    min_major: 10,
+}];
+
 /// Independent VHD readers the snap-backend-vhd tests compare against (libvhdi's `vhdiinfo` and
 /// its Python binding `pyvhdi`), and lvm2, which the snap-backend-lvm tests run on loop devices:
 /// Debian packages, any version, from the main suites.
@@ -48,9 +61,46 @@ const NEEDS_BACKPORTS: [&str; 1] = ["bookworm"];
 pub const GNU_TIME: &str = "/usr/bin/time";
 
 /// Makes sure qemu-img, qemu-io and qemu-storage-daemon >= 10 are installed: installs them when root,
-/// otherwise says what to install and fails.
+/// otherwise says what to install and fails. Then, best effort, qemu-system-x86_64 >= 10 (see
+/// [`ensure_qemu_system`]), checking afterwards that the tools are still >= 10.
 pub fn ensure_qemu_tools() -> Result {
     ensure_vhd_peers();
+    ensure_required_qemu()?;
+    ensure_qemu_system();
+    let still = unmet(&QEMU_TOOLS);
+    if still.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Failed(format!(
+            "after installing qemu-system-x86: {} (need version >= 10)",
+            still.join(", ")
+        )))
+    }
+}
+
+/// The backports suite to install QEMU from, on Debian releases whose main suites are too old.
+fn backports_suite() -> Option<String> {
+    debian_codename()
+        .filter(|name| NEEDS_BACKPORTS.contains(&name.as_str()))
+        .map(|name| format!("{name}-backports"))
+}
+
+/// How to install `packages` by hand (for messages when we are not root).
+fn install_hint(packages: &[&str], backports: Option<&str>) -> String {
+    match backports {
+        Some(suite) => format!(
+            "add the {suite} suite to apt's sources, then `apt-get install --no-install-recommends -t {suite} {}`",
+            packages.join(" ")
+        ),
+        None => format!(
+            "`apt-get install --no-install-recommends {}`",
+            packages.join(" ")
+        ),
+    }
+}
+
+/// qemu-img, qemu-io and qemu-storage-daemon >= 10, installed when root; an error otherwise.
+fn ensure_required_qemu() -> Result {
     let missing = unmet(&QEMU_TOOLS);
     if missing.is_empty() {
         println!("xtask: {}", describe(&QEMU_TOOLS));
@@ -58,22 +108,12 @@ pub fn ensure_qemu_tools() -> Result {
     }
     let mut packages: Vec<&str> = QEMU_TOOLS.iter().map(|tool| tool.package).collect();
     packages.dedup();
-    let codename = debian_codename();
-    let backports = codename
-        .as_deref()
-        .filter(|name| NEEDS_BACKPORTS.contains(name))
-        .map(|name| format!("{name}-backports"));
+    let backports = backports_suite();
     if !is_root() {
-        let how = match &backports {
-            Some(suite) => format!(
-                "add the {suite} suite to apt's sources, then `apt-get install -t {suite} {}`",
-                packages.join(" ")
-            ),
-            None => format!("`apt-get install {}`", packages.join(" ")),
-        };
         return Err(Failure::Failed(format!(
-            "{} (need version >= 10). As root: {how}, or run this command as root to do it for you.",
-            describe(&QEMU_TOOLS)
+            "{} (need version >= 10). As root: {}, or run this command as root to do it for you.",
+            describe(&QEMU_TOOLS),
+            install_hint(&packages, backports.as_deref())
         )));
     }
     println!(
@@ -96,6 +136,117 @@ pub fn ensure_qemu_tools() -> Result {
             still.join(", ")
         )))
     }
+}
+
+/// qemu-system-x86_64 >= 10 for the tests that attach a disk to a real QEMU machine: installed
+/// when root and missing or too old. Best effort: on failure says why, and those tests skip.
+fn ensure_qemu_system() {
+    let missing = unmet(&QEMU_SYSTEM);
+    if missing.is_empty() {
+        println!("xtask: {}", describe(&QEMU_SYSTEM));
+        return;
+    }
+    let packages = [QEMU_SYSTEM[0].package];
+    let backports = backports_suite();
+    if !is_root() {
+        println!(
+            "xtask: {} (need version >= 10; the QEMU guest tests will skip). As root: {}",
+            missing.join(", "),
+            install_hint(&packages, backports.as_deref())
+        );
+        return;
+    }
+    println!(
+        "xtask: {}; installing {}",
+        missing.join(", "),
+        packages.join(" ")
+    );
+    match install_qemu_system(&packages, backports.as_deref()) {
+        Ok(()) => println!("xtask: {}", describe(&QEMU_SYSTEM)),
+        Err(message) => println!(
+            "xtask: could not install {} >= 10 ({message}); the QEMU guest tests will skip",
+            packages.join(" ")
+        ),
+    }
+}
+
+/// Installs `packages` (qemu-system-x86) from `backports` (added if needed) after checking apt's
+/// simulated plan: nothing removed, no QEMU package older than 10. Then checks the emulator's
+/// version.
+fn install_qemu_system(
+    packages: &[&str],
+    backports: Option<&str>,
+) -> std::result::Result<(), String> {
+    if let Some(suite) = backports {
+        ensure_suite(suite)?;
+    }
+    apt_update_once()?;
+    let simulation = capture(apt_get_install(packages, backports).arg("-s"))?;
+    let plan = String::from_utf8_lossy(&simulation.stdout);
+    if !simulation.status.success() {
+        let errors = String::from_utf8_lossy(&simulation.stderr);
+        return Err(format!(
+            "apt cannot plan it: {}",
+            errors
+                .lines()
+                .filter(|line| !line.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    check_qemu_plan(&plan)?;
+    apt_install(packages, backports)?;
+    match unmet(&QEMU_SYSTEM).as_slice() {
+        [] => Ok(()),
+        still => Err(format!("after installing: {}", still.join(", "))),
+    }
+}
+
+/// Refuses an `apt-get install -s` plan that removes a package or installs a QEMU package whose
+/// upstream version is older than 10.
+fn check_qemu_plan(plan: &str) -> std::result::Result<(), String> {
+    let mut installs_emulator = false;
+    for line in plan.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Remv") => return Err(format!("apt would remove a package: {line}")),
+            Some("Inst") => {}
+            _ => continue,
+        }
+        let Some(package) = words.next() else {
+            continue;
+        };
+        // "Inst NAME [INSTALLED] (CANDIDATE SUITE [ARCH])"
+        let candidate = line
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if !package.starts_with("qemu") {
+            continue;
+        }
+        match candidate.and_then(debian_upstream_major) {
+            Some(major) if major >= 10 => {}
+            _ => return Err(format!("apt would install an old QEMU: {line}")),
+        }
+        installs_emulator |= package == QEMU_SYSTEM[0].package;
+    }
+    if installs_emulator {
+        Ok(())
+    } else {
+        Err(format!(
+            "apt's plan does not install {}",
+            QEMU_SYSTEM[0].package
+        ))
+    }
+}
+
+/// The upstream major version of a Debian version string: 10 for "1:10.0.2+ds-2+deb13u1~bpo12+1".
+fn debian_upstream_major(version: &str) -> Option<u32> {
+    let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
+    upstream
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Installs the libvhdi packages (see [`VHD_PEER_PACKAGES`]) when missing and root. Best effort:
@@ -212,11 +363,19 @@ fn debian_codename() -> Option<String> {
 
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);
 
-/// `apt-get install` (after one `apt-get update` per xtask run), adding and upgrading only.
-fn apt_install(packages: &[&str], target_release: Option<&str>) -> std::result::Result<(), String> {
-    if !APT_UPDATED.swap(true, Ordering::SeqCst) {
-        run(Command::new("apt-get").args(["update", "-q"]))?;
+/// `apt-get update`, once per xtask run (again after a suite was added).
+fn apt_update_once() -> std::result::Result<(), String> {
+    if !APT_UPDATED.swap(true, Ordering::SeqCst)
+        && let Err(message) = run(Command::new("apt-get").args(["update", "-q"]))
+    {
+        APT_UPDATED.store(false, Ordering::SeqCst);
+        return Err(message);
     }
+    Ok(())
+}
+
+/// `apt-get install -y -q --no-install-recommends --no-remove [-t RELEASE] PACKAGES...`.
+fn apt_get_install(packages: &[&str], target_release: Option<&str>) -> Command {
     let mut install = Command::new("apt-get");
     install.env("DEBIAN_FRONTEND", "noninteractive").args([
         "install",
@@ -229,7 +388,13 @@ fn apt_install(packages: &[&str], target_release: Option<&str>) -> std::result::
         install.args(["-t", release]);
     }
     install.args(packages);
-    run(&mut install)
+    install
+}
+
+/// `apt-get install` (after one `apt-get update` per xtask run), adding and upgrading only.
+fn apt_install(packages: &[&str], target_release: Option<&str>) -> std::result::Result<(), String> {
+    apt_update_once()?;
+    run(apt_get_install(packages, target_release))
 }
 
 const SOURCES_LIST: &str = "/etc/apt/sources.list";
@@ -281,6 +446,8 @@ fn ensure_suite(suite: &str) -> std::result::Result<(), String> {
     };
     println!("xtask: adding apt suite {suite} in {path}:\n{content}");
     std::fs::write(&path, content).map_err(|err| format!("cannot write {path}: {err}"))?;
+    // Package lists fetched earlier in this run do not know the new suite.
+    APT_UPDATED.store(false, Ordering::SeqCst);
     Ok(())
 }
 
@@ -357,6 +524,29 @@ mod tests {
         let old = "qemu-io version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u15)";
         assert_eq!(parse_version(old), Some((7, "7.2.15".to_string())));
         assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn qemu_install_plans() {
+        let good = "NOTE: This is only a simulation!\n\
+Inst seabios (1.16.2-1 Debian:12.11/oldstable [all])\n\
+Inst qemu-system-common (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:bookworm-backports [amd64])\n\
+Inst qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:bookworm-backports [amd64])\n\
+Conf qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:bookworm-backports [amd64])\n";
+        assert_eq!(check_qemu_plan(good), Ok(()));
+        let old =
+            "Inst qemu-system-x86 (1:7.2+dfsg-7+deb12u18+b3 Debian:12.11/oldstable [amd64])\n";
+        assert!(check_qemu_plan(old).is_err());
+        let downgrade = "Inst qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1] (1:7.2+dfsg-7+deb12u18+b3 Debian:12.11/oldstable [amd64])\n\
+Inst qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:bookworm-backports [amd64])\n";
+        assert!(check_qemu_plan(downgrade).is_err());
+        let removes = "Remv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\n\
+Inst qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:bookworm-backports [amd64])\n";
+        assert!(check_qemu_plan(removes).is_err());
+        assert!(check_qemu_plan("0 upgraded, 0 newly installed\n").is_err());
+        assert_eq!(debian_upstream_major("1:10.0.2+ds-2"), Some(10));
+        assert_eq!(debian_upstream_major("7.2+dfsg-7"), Some(7));
+        assert_eq!(debian_upstream_major("x"), None);
     }
 
     #[test]
