@@ -163,6 +163,10 @@ pub enum DiskCommand {
         /// Merge this backing layer into its child and remove it.
         #[arg(long, value_name = "PATH")]
         layer: Option<PathBuf>,
+        /// Online (--qmp) only: commit the layer down into its own backing instead of streaming
+        /// it into its child (refused when anything else in QEMU uses that backing).
+        #[arg(long, requires_all = ["layer", "qmp"], conflicts_with = "name")]
+        commit: bool,
         /// Do not probe the format; use this one.
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
@@ -367,5 +371,14 @@ mod tests {
             Cli::try_parse_from(["snapctl", "disk", "revert", "a", "s", "--layer", "b"]).is_err()
         );
         assert!(Cli::try_parse_from(["snapctl", "disk", "list", "a", "--qmp", "/s"]).is_err());
+        // --commit: online layer deletes only.
+        let commit = ["snapctl", "disk", "delete", "a", "--layer", "b", "--commit"];
+        assert!(Cli::try_parse_from(commit).is_err());
+        let online = [&commit[..], &["--qmp", "/s", "--node", "n"]].concat();
+        assert!(Cli::try_parse_from(online).is_ok());
+        let named = [
+            "snapctl", "disk", "delete", "a", "s1", "--commit", "--qmp", "/s", "--node", "n",
+        ];
+        assert!(Cli::try_parse_from(named).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use snap_backend_qcow2::online::{OnlineDisk, StreamOptions};
+use snap_backend_qcow2::online::{LayerStrategy, OnlineDisk, StreamOptions};
 use snap_backend_qcow2::{CheckReport, Qcow2Backend, chain::probe_format, check_path};
 use snap_core::io::FileIo;
 use snap_core::{
@@ -152,11 +152,17 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             image,
             name,
             layer,
+            commit,
             format,
             online,
         } => {
             if let Some(disk) = connect_online(&online, &image).await? {
-                return online_delete(&disk, &target(name, layer)?, dry_run).await;
+                let strategy = if commit {
+                    LayerStrategy::Commit
+                } else {
+                    LayerStrategy::Stream
+                };
+                return online_delete(&disk, &target(name, layer)?, strategy, dry_run).await;
             }
             let backend = backend_for(&image, format)?;
             let target = target(name, layer)?;
@@ -316,8 +322,14 @@ async fn online_create(
     Ok(0)
 }
 
-/// `disk delete --qmp`: an internal snapshot, or a backing layer streamed into its child.
-async fn online_delete(disk: &OnlineDisk, target: &Target, dry_run: bool) -> Result<u8> {
+/// `disk delete --qmp`: an internal snapshot, or a backing layer streamed into its child (or,
+/// with `--commit`, committed into its own backing).
+async fn online_delete(
+    disk: &OnlineDisk,
+    target: &Target,
+    strategy: LayerStrategy,
+    dry_run: bool,
+) -> Result<u8> {
     let active = disk.active_node().await?;
     match target {
         Target::Internal(name) => {
@@ -348,6 +360,9 @@ async fn online_delete(disk: &OnlineDisk, target: &Target, dry_run: bool) -> Res
                 snap.id,
                 active.file.display()
             );
+        }
+        Target::Layer(layer) if strategy == LayerStrategy::Commit => {
+            return online_commit(disk, layer, dry_run).await;
         }
         Target::Layer(layer) => {
             if dry_run {
@@ -419,6 +434,80 @@ async fn online_delete(disk: &OnlineDisk, target: &Target, dry_run: bool) -> Res
             );
         }
     }
+    Ok(0)
+}
+
+/// `disk delete --qmp --layer PATH --commit`: the layer committed into its own backing.
+async fn online_commit(disk: &OnlineDisk, layer: &Path, dry_run: bool) -> Result<u8> {
+    let plan = disk.plan_layer(layer).await?;
+    if let Some(why) = &plan.commit_refusal {
+        return Err(Error::new(
+            ErrorKind::InUse,
+            format!("cannot commit {}: {why}", layer.display()),
+        )
+        .with_path(layer));
+    }
+    let parent = plan
+        .parent
+        .as_ref()
+        .map(|p| format!("{} (node {})", p.file.display(), p.name))
+        .unwrap_or_default();
+    if dry_run {
+        let bytes = |b: Option<u64>| {
+            b.map(|b| format!("at most about {b} bytes"))
+                .unwrap_or_else(|| "unknown bytes".into())
+        };
+        println!(
+            "plan: QEMU commits {} into {parent} ({}); {} (node {}) then reads from it; the file is kept \
+             (nothing changed: --dry-run)",
+            layer.display(),
+            bytes(plan.commit_bytes),
+            plan.child.file.display(),
+            plan.child.name,
+        );
+        println!(
+            "  stream instead (without --commit): {} into {}",
+            bytes(plan.stream_bytes),
+            plan.child.file.display()
+        );
+        return Ok(0);
+    }
+    let bar = progress_bar();
+    let cancel = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No signal handler: never cancel.
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = disk
+        .commit_layer(
+            layer,
+            &StreamOptions::default(),
+            |done, total| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            },
+            cancel,
+        )
+        .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let done = result?;
+    println!(
+        "committed {} into {} ({} bytes processed) through QMP; {} now reads from {}",
+        done.layer.file.display(),
+        done.into.file.display(),
+        done.bytes,
+        plan.child.file.display(),
+        done.into.file.display(),
+    );
+    println!(
+        "kept {}: online operations never remove files; remove it once no QEMU has it open",
+        done.layer.file.display()
+    );
     Ok(0)
 }
 
