@@ -144,7 +144,7 @@ impl Graph {
         for _ in 0..=self.nodes.len() {
             let parents = self.backing_parents(&top);
             match parents.as_slice() {
-                [] => return Ok(top),
+                [] => return self.attached(top),
                 [one] => top = one.clone(),
                 many => {
                     return Err(Error::invalid(format!(
@@ -157,6 +157,22 @@ impl Graph {
         Err(Error::corrupt(format!(
             "QEMU's block graph has a backing loop above node {start:?}"
         )))
+    }
+
+    /// `top` itself when something in QEMU uses it (a device, an export, a job); a node nothing
+    /// uses is left over — e.g. the old base after its data was streamed into an overlay, which
+    /// QEMU keeps open but detached — and acting on it would miss the guest's disk.
+    fn attached(&self, top: String) -> Result<String> {
+        match &self.users {
+            Some(users) if users.get(&top).is_none_or(|u| u.is_empty()) => {
+                Err(Error::invalid(format!(
+                    "node {top:?} is not used by any device, export or job in QEMU (a detached node, e.g. a \
+                 base whose data was streamed into an overlay); name the node the device uses now (see \
+                 `query-block`)"
+                )))
+            }
+            _ => Ok(top),
+        }
     }
 
     /// `top` and its backing nodes, top first.

@@ -233,7 +233,9 @@ async fn external_overlay_then_stream_the_base_away() {
     assert!(!seen.is_empty());
     let text = info(&overlay);
     assert!(!text.contains("backing file"), "{text}");
-    assert!(disk.list().await.unwrap().chain.is_empty());
+    // The old base node stays open in QEMU but detached: it no longer names the disk.
+    let err = disk.list().await.unwrap_err();
+    assert!(err.to_string().contains("not used by any device"), "{err}");
     d.qemu_io("read -P 0x22 0 64k");
     d.qemu_io("read -P 0x11 64k 960k");
     // No job is left behind.
@@ -243,6 +245,9 @@ async fn external_overlay_then_stream_the_base_away() {
         .await
         .unwrap();
     assert_eq!(jobs, serde_json::json!([]));
+    drop(disk);
+    let top = OnlineDisk::connect(&d.qmp, "base-s1").await.unwrap();
+    assert!(top.list().await.unwrap().chain.is_empty());
 }
 
 #[tokio::test]

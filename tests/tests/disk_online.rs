@@ -252,7 +252,26 @@ fn external_overlay_then_stream_the_base_away() {
     assert!(!text.contains("backing file"), "{text}");
     d.io("read -P 0x22 0 64k").ok();
     d.io("read -P 0x11 64k 960k").ok();
-    let r = d.snapctl("list", &["--json"]).ok();
+    // The old base node is detached now: it no longer names the disk, and snapctl says so.
+    let r = d.snapctl("list", &["--json"]);
+    assert_eq!(r.code, Some(1), "{}", r.describe());
+    assert!(
+        r.stderr.contains("not used by any device"),
+        "{}",
+        r.describe()
+    );
+    // The node the export uses now lists the standalone overlay.
+    let r = snapctl_run([
+        "disk",
+        "list",
+        p(&overlay),
+        "--json",
+        "--qmp",
+        p(&d.qmp),
+        "--node",
+        "base-s1",
+    ])
+    .ok();
     let v: Value = serde_json::from_str(&r.stdout).expect("JSON");
     assert_eq!(v["chain"], Value::Array(vec![]));
     // The layer's file is kept (online operations never remove files).
