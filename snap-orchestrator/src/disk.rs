@@ -394,23 +394,12 @@ async fn online_delete(
                 return Ok(0);
             }
             let bar = progress_bar();
-            let cancel = async {
-                if tokio::signal::ctrl_c().await.is_err() {
-                    // No signal handler: never cancel.
-                    std::future::pending::<()>().await;
-                }
-            };
             let result = disk
                 .delete_layer(
                     layer,
                     &StreamOptions::default(),
-                    |done, total| {
-                        if let Some(bar) = &bar {
-                            bar.set_length(total);
-                            bar.set_position(done);
-                        }
-                    },
-                    cancel,
+                    show_progress(&bar),
+                    ctrl_c(),
                 )
                 .await;
             if let Some(bar) = bar {
@@ -473,23 +462,12 @@ async fn online_commit(disk: &OnlineDisk, layer: &Path, dry_run: bool) -> Result
         return Ok(0);
     }
     let bar = progress_bar();
-    let cancel = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No signal handler: never cancel.
-            std::future::pending::<()>().await;
-        }
-    };
     let result = disk
         .commit_layer(
             layer,
             &StreamOptions::default(),
-            |done, total| {
-                if let Some(bar) = &bar {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                }
-            },
-            cancel,
+            show_progress(&bar),
+            ctrl_c(),
         )
         .await;
     if let Some(bar) = bar {
@@ -745,6 +723,23 @@ fn print_layer_plan(plan: &snap_backend_qcow2::external::LayerPlan) {
             plan.layer.display(),
             users.join(", ")
         );
+    }
+}
+
+/// Resolves on Ctrl-C (never, when no handler can be installed): what cancels a QMP job.
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// A progress callback that moves `bar`, if there is one, to (done, total).
+fn show_progress(bar: &Option<indicatif::ProgressBar>) -> impl FnMut(u64, u64) + '_ {
+    move |done, total| {
+        if let Some(bar) = bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
     }
 }
 
