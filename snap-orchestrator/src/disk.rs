@@ -819,8 +819,14 @@ fn detect(image: &Path, format: Option<FormatArg>) -> Result<DiskFormat> {
     if text.starts_with("rbd:") {
         return Ok(DiskFormat::Rbd);
     }
-    // An LV is named, not probed: /dev/VG/LV, or VG/LV when no such file exists.
-    if snap_backend_lvm::LvRef::looks_like(&text) && (text.starts_with("/dev/") || !image.exists())
+    // An LV is named, not probed: /dev/VG/LV, or VG/LV when no such file exists — unless the
+    // name ends like an image file (a mistyped `vms/disk.qcow2` should say "no such file", not
+    // "no volume group vms").
+    let image_like = image.extension().is_some_and(|e| {
+        ["qcow2", "qcow", "vhd", "vpc", "img", "raw"].contains(&e.to_string_lossy().as_ref())
+    });
+    if snap_backend_lvm::LvRef::looks_like(&text)
+        && (text.starts_with("/dev/") || (!image.exists() && !image_like))
     {
         return Ok(DiskFormat::Lvm);
     }
