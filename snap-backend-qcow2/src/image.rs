@@ -116,11 +116,19 @@ impl<IO: BlockIo> Qcow2<IO> {
                  them too) — use an external snapshot",
             ));
         }
-        if h.crypt_method > 2 {
-            return Err(Error::unsupported(format!(
-                "unknown encryption method {}",
-                h.crypt_method
-            )));
+        match h.crypt_method {
+            0 | 2 => {}
+            1 => {
+                return Err(Error::unsupported(
+                    "image uses qcow2's legacy AES encryption, which is insecure and which QEMU no longer \
+                     supports for use; convert it (`qemu-img convert` to LUKS or plain) first",
+                ));
+            }
+            other => {
+                return Err(Error::unsupported(format!(
+                    "unknown encryption method {other}"
+                )));
+            }
         }
         Ok(())
     }
@@ -251,6 +259,14 @@ impl<IO: BlockIo> Qcow2<IO> {
             let id_len = crate::format::be16(&fixed, 12).unwrap_or(0) as u64;
             let name_len = crate::format::be16(&fixed, 14).unwrap_or(0) as u64;
             let extra_len = crate::format::be32(&fixed, 36).unwrap_or(0) as u64;
+            if id_len > snapshot::MAX_ID_LEN as u64 || name_len > snapshot::MAX_NAME_LEN as u64 {
+                return Err(corrupt_at(
+                    pos,
+                    format!(
+                        "snapshot table entry {i} has an implausible id/name length ({id_len}/{name_len} bytes)"
+                    ),
+                ));
+            }
             if extra_len > snapshot::MAX_EXTRA_DATA as u64 {
                 return Err(corrupt_at(
                     pos,

@@ -137,8 +137,22 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
                 }
             }
         }
+        let mut freed = Vec::with_capacity(self.pending_frees.len());
         while let Some(offset) = self.pending_frees.pop() {
             self.add(offset, -1)?;
+            freed.push(offset);
+        }
+        // Nothing in the new state uses these structures; a refcount left above 0 means guest
+        // data or another table points into them — a corrupt image this operation must not touch.
+        for offset in freed {
+            if self.refcount(offset)? != 0 {
+                return Err(Error::corrupt(format!(
+                    "metadata at offset {offset:#x} is also used as something else (its refcount stays \
+                     above 0 once the operation no longer needs it); repair the image with `qemu-img check \
+                     -r all` first"
+                ))
+                .with_offset(offset));
+            }
         }
         self.validated = true;
         Ok(())

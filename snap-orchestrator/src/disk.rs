@@ -1049,14 +1049,14 @@ fn print_listing(listing: &DiskListing) {
             .map(|s| s.name.chars().count())
             .max()
             .unwrap_or(4)
-            .max(4);
+            .clamp(4, 64);
         let id_width = listing
             .snapshots
             .iter()
             .map(|s| s.id.len())
             .max()
             .unwrap_or(2)
-            .max(2);
+            .clamp(2, 16);
         println!(
             "{:<id_width$}  {:<name_width$}  {:>9}  {:<20}  VM CLOCK",
             "ID", "NAME", "VM SIZE", "DATE"

@@ -12,6 +12,11 @@ pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 pub const MAX_EXTRA_DATA: u32 = 1024;
 /// Extra data QEMU writes today: vm_state_size_large, disk_size, icount.
 pub const EXTRA_DATA_LEN: usize = 24;
+/// Longest snapshot id accepted (QEMU writes decimal numbers; 256 bytes is generous).
+pub const MAX_ID_LEN: usize = 256;
+/// Longest snapshot name accepted: longer ones only come from damaged tables whose entries run
+/// into other clusters.
+pub const MAX_NAME_LEN: usize = 4096;
 /// Length of an entry's fixed part.
 pub const ENTRY_FIXED_LEN: usize = 40;
 
@@ -126,6 +131,12 @@ pub fn decode_table(table: &[u8], count: u32, version: u32) -> Result<(Vec<Snaps
                 "snapshot table entry {i} has {extra_len} bytes of extra data; the limit is {MAX_EXTRA_DATA}"
             )));
         }
+        if id_len as usize > MAX_ID_LEN || name_len as usize > MAX_NAME_LEN {
+            return Err(Error::corrupt(format!(
+                "snapshot table entry {i} has an implausible id/name length ({id_len}/{name_len} bytes; at most \
+                 {MAX_ID_LEN}/{MAX_NAME_LEN})"
+            )));
+        }
         if version >= 3 && extra_len < 16 {
             return Err(Error::corrupt(format!(
                 "snapshot table entry {i} has {extra_len} bytes of extra data; version 3 requires 16"
@@ -225,6 +236,9 @@ mod tests {
         let mut big = bytes.clone();
         big[36..40].copy_from_slice(&5000u32.to_be_bytes());
         assert!(decode_table(&big, 1, 3).is_err());
+        let mut long = bytes.clone();
+        long[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+        assert!(decode_table(&long, 1, 3).is_err());
         let mut small = bytes.clone();
         small[36..40].copy_from_slice(&8u32.to_be_bytes());
         assert!(decode_table(&small, 1, 3).is_err());
