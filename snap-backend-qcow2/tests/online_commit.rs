@@ -12,63 +12,26 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use snap_backend_qcow2::online::{
     LayerStrategy, OnlineDisk, StreamOptions, create_many_external, create_many_internal,
 };
+mod common;
+use common::*;
 use snap_core::ErrorKind;
 use snap_core::qmp::QmpClient;
 
 /// A daemonized qemu-storage-daemon serving `diskN.qcow2` as node `nodeN` (exported over NBD
 /// as `diskN`); killed through its pidfile on drop.
 struct Daemon {
+    // First, so the daemon is killed before its folder (and pidfile) goes.
+    _pidfile: PidfileGuard,
     dir: tempfile::TempDir,
-    pidfile: PathBuf,
     qmp: PathBuf,
     nbd: PathBuf,
     images: Vec<PathBuf>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                let start = Instant::now();
-                while nix::sys::signal::kill(pid, None).is_ok()
-                    && start.elapsed() < Duration::from_secs(5)
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}
-
-fn have_daemon() -> bool {
-    let found = Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("note: qemu-storage-daemon not installed; skipping the online commit tests");
-    }
-    found
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts the daemon with one image per entry of `read_only` (node `node1`, `node2`, ...;
@@ -117,7 +80,7 @@ fn start(size: &str, read_only: &[bool]) -> Daemon {
     ok(&mut cmd);
     Daemon {
         dir,
-        pidfile,
+        _pidfile: PidfileGuard(pidfile),
         qmp,
         nbd,
         images,
@@ -139,10 +102,6 @@ impl Daemon {
             .await
             .unwrap()
     }
-}
-
-fn info(path: &Path) -> String {
-    ok(Command::new("qemu-img").args(["info", "-U"]).arg(path))
 }
 
 fn snapshot_list(path: &Path) -> String {
@@ -172,7 +131,7 @@ async fn chain_paths(disk: &OnlineDisk) -> Vec<PathBuf> {
 
 #[tokio::test]
 async fn commit_a_middle_layer_into_its_parent() {
-    if !have_daemon() {
+    if !have_daemon("the online commit tests") {
         return;
     }
     let d = start("16M", &[false]);
@@ -261,7 +220,7 @@ async fn commit_a_middle_layer_into_its_parent() {
 
 #[tokio::test]
 async fn active_commit_folds_the_overlay_into_the_base() {
-    if !have_daemon() {
+    if !have_daemon("the online commit tests") {
         return;
     }
     let d = start("16M", &[false]);
@@ -307,7 +266,7 @@ async fn active_commit_folds_the_overlay_into_the_base() {
 
 #[tokio::test]
 async fn cancelled_commit_leaves_a_valid_chain() {
-    if !have_daemon() {
+    if !have_daemon("the online commit tests") {
         return;
     }
     let d = start("64M", &[false]);
@@ -366,7 +325,7 @@ async fn cancelled_commit_leaves_a_valid_chain() {
 
 #[tokio::test]
 async fn commit_refused_when_the_parent_has_another_user() {
-    if !have_daemon() {
+    if !have_daemon("the online commit tests") {
         return;
     }
     let d = start("16M", &[false]);
@@ -412,7 +371,7 @@ async fn commit_refused_when_the_parent_has_another_user() {
 
 #[tokio::test]
 async fn transaction_of_internal_snapshots_is_all_or_none() {
-    if !have_daemon() {
+    if !have_daemon("the online commit tests") {
         return;
     }
     // node3 is read-only: QEMU refuses an internal snapshot there.
@@ -449,7 +408,7 @@ async fn transaction_of_internal_snapshots_is_all_or_none() {
 
 #[tokio::test]
 async fn transaction_of_external_overlays() {
-    if !have_daemon() {
+    if !have_daemon("the online commit tests") {
         return;
     }
     let d = start("16M", &[false, false]);

@@ -11,60 +11,23 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use snap_backend_qcow2::online::{OnlineDisk, StreamOptions};
+mod common;
+use common::*;
 use snap_core::ErrorKind;
 
 /// A daemonized qemu-storage-daemon serving `disk.qcow2` as node "base" (exported over NBD as
 /// "disk"); killed through its pidfile on drop.
 struct Daemon {
+    // First, so the daemon is killed before its folder (and pidfile) goes.
+    _pidfile: PidfileGuard,
     dir: tempfile::TempDir,
-    pidfile: PathBuf,
     qmp: PathBuf,
     nbd: PathBuf,
     image: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                let start = Instant::now();
-                while nix::sys::signal::kill(pid, None).is_ok()
-                    && start.elapsed() < Duration::from_secs(5)
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}
-
-fn have_daemon() -> bool {
-    let found = Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("note: qemu-storage-daemon not installed; skipping the online (QMP) tests");
-    }
-    found
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn start(size: &str) -> Daemon {
@@ -100,7 +63,7 @@ fn start(size: &str) -> Daemon {
         ]));
     Daemon {
         dir,
-        pidfile,
+        _pidfile: PidfileGuard(pidfile),
         qmp,
         nbd,
         image,
@@ -121,10 +84,6 @@ impl Daemon {
     }
 }
 
-fn info(path: &Path) -> String {
-    ok(Command::new("qemu-img").args(["info", "-U"]).arg(path))
-}
-
 fn snapshot_list(path: &Path) -> String {
     ok(Command::new("qemu-img")
         .args(["snapshot", "-l", "-U"])
@@ -133,7 +92,7 @@ fn snapshot_list(path: &Path) -> String {
 
 #[tokio::test]
 async fn internal_snapshots_and_listing() {
-    if !have_daemon() {
+    if !have_daemon("the online (QMP) tests") {
         return;
     }
     let d = start("16M");
@@ -169,7 +128,7 @@ async fn internal_snapshots_and_listing() {
 
 #[tokio::test]
 async fn external_overlay_then_stream_the_base_away() {
-    if !have_daemon() {
+    if !have_daemon("the online (QMP) tests") {
         return;
     }
     let d = start("16M");
@@ -252,7 +211,7 @@ async fn external_overlay_then_stream_the_base_away() {
 
 #[tokio::test]
 async fn cancelled_stream_leaves_a_valid_chain() {
-    if !have_daemon() {
+    if !have_daemon("the online (QMP) tests") {
         return;
     }
     let d = start("64M");
@@ -289,7 +248,7 @@ async fn cancelled_stream_leaves_a_valid_chain() {
 
 #[tokio::test]
 async fn stream_a_middle_layer_keeps_the_base() {
-    if !have_daemon() {
+    if !have_daemon("the online (QMP) tests") {
         return;
     }
     let d = start("16M");
