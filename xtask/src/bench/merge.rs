@@ -27,7 +27,7 @@
 //! and clean for `qemu-img check`; the commit result must be identical to it as well, and the
 //! first rebase result identical to the chain it started from. A wrong result fails the bench.
 
-use super::{RSS_LIMIT_MIB, Timed, check_verdict, free_bytes, median, mib, timed, verdict};
+use super::{RSS_LIMIT_MIB, Timed, free_bytes, median, mib, run_check, timed, verdict};
 use crate::proc::{TempDir, capture, display, run};
 use crate::{Failure, Result};
 use std::path::{Path, PathBuf};
@@ -402,19 +402,7 @@ impl MergeBench {
     fn check(&self, image: &str) -> String {
         let mut check = self.tool("qemu-img", ".");
         check.args(["check", image]);
-        println!("$ {}", display(&check));
-        match capture(&mut check) {
-            Ok(output) => {
-                let verdict = check_verdict(output.status);
-                println!("({verdict})");
-                if verdict != "clean" {
-                    print!("{}", String::from_utf8_lossy(&output.stdout));
-                    eprint!("{}", String::from_utf8_lossy(&output.stderr));
-                }
-                verdict.to_string()
-            }
-            Err(why) => why,
-        }
+        run_check(&mut check)
     }
 }
 
