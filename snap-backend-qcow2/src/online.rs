@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -62,7 +63,7 @@ pub struct BlockNode {
 /// A disk in a running QEMU: its QMP connection and the node the user named.
 #[derive(Debug)]
 pub struct OnlineDisk {
-    qmp: QmpClient,
+    qmp: Arc<QmpClient>,
     node: String,
 }
 
@@ -387,6 +388,12 @@ impl OnlineDisk {
 
     /// Wraps an existing connection.
     pub fn from_client(qmp: QmpClient, node: &str) -> OnlineDisk {
+        Self::from_shared(Arc::new(qmp), node)
+    }
+
+    /// Uses a connection shared with other users (one QMP monitor serves one client at a time,
+    /// so a caller that also pauses the guest or saves its memory lends its connection).
+    pub fn from_shared(qmp: Arc<QmpClient>, node: &str) -> OnlineDisk {
         OnlineDisk {
             qmp,
             node: node.to_string(),

@@ -3,9 +3,12 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use snap_core::{Error, Result};
+use snap_core::Result;
 
 use crate::disk;
+use crate::domain::{self, Ctx};
+use crate::snapshot;
+use crate::store::Store;
 
 /// snapctl — snapshots of VM disks and domains on Xen and QEMU/KVM hosts.
 ///
@@ -291,12 +294,80 @@ pub enum SnapshotCommand {
 pub async fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Disk(cmd) => disk::run(cmd, cli.dry_run).await,
-        Command::Domain(_) => Err(Error::unsupported(
-            "domain commands are not implemented yet (domain snapshots are upcoming work); use `snapctl disk ...`",
-        )),
-        Command::Snapshot(_) => Err(Error::unsupported(
-            "domain snapshot commands are not implemented yet (upcoming work); use `snapctl disk ...` for disk snapshots",
-        )),
+        Command::Domain(cmd) => {
+            let ctx = context(&cli.state_dir, cli.hypervisor, cli.dry_run);
+            match cmd {
+                DomainCommand::Start { cfg } => domain::start(&ctx, &cfg).await,
+                DomainCommand::List { json } => domain::list(&ctx, json).await,
+                DomainCommand::Destroy { name } => domain::destroy(&ctx, &name).await,
+            }
+        }
+        Command::Snapshot(cmd) => {
+            let ctx = context(&cli.state_dir, cli.hypervisor, cli.dry_run);
+            match cmd {
+                SnapshotCommand::Create {
+                    domain,
+                    name,
+                    live,
+                    disk_only,
+                    external,
+                    quiesce,
+                    description,
+                } => {
+                    let opts = snapshot::CreateOptions {
+                        live,
+                        disk_only,
+                        external,
+                        quiesce,
+                        description,
+                    };
+                    snapshot::create(&ctx, &domain, &name, &opts).await
+                }
+                SnapshotCommand::Revert {
+                    domain,
+                    name,
+                    running,
+                    paused,
+                } => {
+                    let end = if running {
+                        snapshot::EndState::Running
+                    } else if paused {
+                        snapshot::EndState::Paused
+                    } else {
+                        snapshot::EndState::Snapshot
+                    };
+                    snapshot::revert(&ctx, &domain, &name, end).await
+                }
+                SnapshotCommand::Delete {
+                    domain,
+                    name,
+                    children,
+                    children_only,
+                    metadata_only,
+                } => {
+                    let opts = snapshot::DeleteOptions {
+                        children,
+                        children_only,
+                        metadata_only,
+                    };
+                    snapshot::delete(&ctx, &domain, &name, opts).await
+                }
+                SnapshotCommand::List { domain, tree, json } => {
+                    snapshot::list(&ctx, &domain, tree, json)
+                }
+                SnapshotCommand::Info { domain, name, json } => {
+                    snapshot::info(&ctx, &domain, &name, json)
+                }
+            }
+        }
+    }
+}
+
+fn context(state_dir: &std::path::Path, hypervisor: Option<Hypervisor>, dry_run: bool) -> Ctx {
+    Ctx {
+        store: Store::new(state_dir),
+        hypervisor,
+        dry_run,
     }
 }
 

@@ -806,7 +806,7 @@ async fn plan_existing(
 }
 
 /// Decides the disk's format: `--format`, else probed from the file's content.
-fn detect(image: &Path, format: Option<FormatArg>) -> Result<DiskFormat> {
+pub(crate) fn detect(image: &Path, format: Option<FormatArg>) -> Result<DiskFormat> {
     if let Some(f) = format {
         return Ok(match f {
             FormatArg::Qcow2 => DiskFormat::Qcow2,

@@ -1,5 +1,5 @@
-//! snap-orchestrator: the `snapctl` command line and, in later work, domain snapshots (metadata
-//! store, hypervisor drivers, planner and journal).
+//! snap-orchestrator: the `snapctl` command line and domain snapshots: the metadata store, the
+//! hypervisor drivers, and the planned create / revert / delete operations.
 #![cfg_attr(
     test,
     allow(
@@ -12,4 +12,12 @@
 
 pub mod cli;
 pub mod disk;
+pub mod domain;
+pub mod hypervisor;
+pub mod layers;
 pub mod logging;
+pub mod qemu;
+pub mod qga;
+pub mod snapshot;
+pub mod store;
+pub mod xlcfg;

@@ -1,0 +1,333 @@
+//! Disk-level building blocks of domain snapshots: which backend a domain disk uses, its chain,
+//! which tracked files read through a layer, fresh overlay names, and the offline actions.
+
+use std::path::{Path, PathBuf};
+
+use snap_backend_lvm::LvmBackend;
+use snap_backend_qcow2::Qcow2Backend;
+use snap_backend_vhd::VhdBackend;
+use snap_core::{
+    CreateRequest, DiskBackend, DiskFormat, DiskListing, Error, ErrorKind, Result, Target,
+};
+
+use crate::xlcfg::{DiskAccess, DiskFormat as XlFormat, DiskSpec};
+
+/// The backend of a domain disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A qcow2 image.
+    Qcow2,
+    /// A VHD image.
+    Vhd,
+    /// An LVM logical volume.
+    Lvm,
+    /// A Ceph RBD image.
+    Rbd,
+}
+
+impl Backend {
+    /// The name the store records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Qcow2 => "qcow2",
+            Backend::Vhd => "vhd",
+            Backend::Lvm => "lvm",
+            Backend::Rbd => "rbd",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Result<Backend> {
+        match name {
+            "qcow2" => Ok(Backend::Qcow2),
+            "vhd" => Ok(Backend::Vhd),
+            "lvm" => Ok(Backend::Lvm),
+            "rbd" => Ok(Backend::Rbd),
+            other => Err(Error::corrupt(format!("unknown disk backend {other:?}"))),
+        }
+    }
+}
+
+/// Whether a domain disk takes part in snapshots: read-only disks, cdroms and empty drives
+/// never change, so they are left out.
+pub fn snapshotted(disk: &DiskSpec) -> bool {
+    disk.access == DiskAccess::ReadWrite
+        && disk.devtype.as_deref() != Some("cdrom")
+        && !disk.target.is_empty()
+        && disk.format != XlFormat::Empty
+}
+
+/// The backend of a writable domain disk; refuses what has no snapshots (raw files) or a
+/// target whose content is not the format the config says.
+pub fn classify(disk: &DiskSpec) -> Result<Backend> {
+    let vdev = &disk.vdev;
+    if disk.target.starts_with("rbd:") {
+        return Ok(Backend::Rbd);
+    }
+    let path = Path::new(&disk.target);
+    let probed = crate::disk::detect(path, None).map_err(|e| e.context(format!("disk {vdev}")))?;
+    let wanted = match disk.format {
+        XlFormat::Qcow2 => DiskFormat::Qcow2,
+        XlFormat::Vhd => DiskFormat::Vhd,
+        XlFormat::Raw if probed == DiskFormat::Lvm => DiskFormat::Lvm,
+        XlFormat::Raw => {
+            return Err(Error::unsupported(format!(
+                "disk {vdev} is a raw file: raw images have no snapshots; convert it with \
+                 `qemu-img convert -O qcow2` and change the config to format=qcow2"
+            ))
+            .with_path(path));
+        }
+        other => {
+            return Err(Error::unsupported(format!(
+                "disk {vdev}: format {} has no snapshot support (use qcow2, vhd or an LV)",
+                other.as_str()
+            ))
+            .with_path(path));
+        }
+    };
+    if probed != wanted {
+        return Err(Error::invalid(format!(
+            "disk {vdev}: the config says {} but the file holds {probed}",
+            disk.format.as_str()
+        ))
+        .with_path(path));
+    }
+    Ok(match wanted {
+        DiskFormat::Qcow2 => Backend::Qcow2,
+        DiskFormat::Vhd => Backend::Vhd,
+        _ => Backend::Lvm,
+    })
+}
+
+/// The disk backend object for `path`.
+pub fn backend(kind: Backend, path: &Path) -> Result<Box<dyn DiskBackend>> {
+    match kind {
+        Backend::Qcow2 => Ok(Box::new(Qcow2Backend::new(path))),
+        Backend::Vhd => Ok(Box::new(VhdBackend::new(path))),
+        Backend::Lvm => Ok(Box::new(LvmBackend::new(path)?)),
+        Backend::Rbd => Err(Error::unsupported(
+            "RBD disks are not supported in domain snapshots yet",
+        )),
+    }
+}
+
+/// Lists a file's internal snapshots and chain.
+pub async fn listing(kind: Backend, path: &Path) -> Result<DiskListing> {
+    backend(kind, path)?.list().await
+}
+
+/// Whether two paths name the same file (by canonical path; equal text when neither exists).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The direct backing file of a layer, if any.
+pub async fn backing_of(kind: Backend, path: &Path) -> Result<Option<PathBuf>> {
+    Ok(listing(kind, path)
+        .await?
+        .chain
+        .into_iter()
+        .next()
+        .map(|l| l.path))
+}
+
+/// Of `files`, those whose direct backing file is `layer` (each file once).
+pub async fn children_of(kind: Backend, layer: &Path, files: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for file in files {
+        if !file.exists() || same_file(file, layer) || out.iter().any(|o| same_file(o, file)) {
+            continue;
+        }
+        if let Some(backing) = backing_of(kind, file).await?
+            && same_file(&backing, layer)
+        {
+            out.push(file.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Other images in `layer`'s folder whose backing is `layer` (qcow2 or VHD files that are not
+/// in `known`): users we do not track but must not break.
+pub async fn untracked_users(kind: Backend, layer: &Path, known: &[PathBuf]) -> Vec<PathBuf> {
+    let dir = match layer.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut users = Vec::new();
+    for entry in entries.flatten().take(10_000) {
+        let path = entry.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let wanted = match kind {
+            Backend::Qcow2 => ext == "qcow2",
+            Backend::Vhd => ext == "vhd" || ext == "vpc",
+            _ => false,
+        };
+        if !wanted || same_file(&path, layer) || known.iter().any(|k| same_file(k, &path)) {
+            continue;
+        }
+        if let Ok(Some(backing)) = backing_of(kind, &path).await
+            && same_file(&backing, layer)
+        {
+            users.push(path);
+        }
+    }
+    users.sort();
+    users
+}
+
+/// The stem overlays of a disk are named from: the file stem with suffixes `.NAME` and
+/// `.NAME-N` that earlier snapshots of the domain (`names`) added removed.
+pub fn stem_root(path: &Path, names: &[&str]) -> String {
+    let mut stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk".to_string());
+    loop {
+        let before = stem.len();
+        for name in names {
+            if let Some(rest) = stem.strip_suffix(&format!(".{name}"))
+                && !rest.is_empty()
+            {
+                stem = rest.to_string();
+                break;
+            }
+            if let Some((rest, tail)) = stem.rsplit_once('-')
+                && !tail.is_empty()
+                && tail.bytes().all(|b| b.is_ascii_digit())
+                && let Some(base) = rest.strip_suffix(&format!(".{name}"))
+                && !base.is_empty()
+            {
+                stem = base.to_string();
+                break;
+            }
+        }
+        if stem.len() == before {
+            return stem;
+        }
+    }
+}
+
+/// A path for a new overlay of snapshot `snap` next to `beside`: `DIR/ROOT.SNAP.EXT`, or
+/// `DIR/ROOT.SNAP-N.EXT` with the smallest free N, avoiding `taken` too.
+pub fn fresh_overlay(beside: &Path, root: &str, snap: &str, taken: &[PathBuf]) -> PathBuf {
+    let dir = beside.parent().unwrap_or_else(|| Path::new("."));
+    let ext = beside
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "qcow2".to_string());
+    let free = |p: &PathBuf| p.symlink_metadata().is_err() && !taken.contains(p);
+    let first = dir.join(format!("{root}.{snap}.{ext}"));
+    if free(&first) {
+        return first;
+    }
+    (1u32..)
+        .map(|n| dir.join(format!("{root}.{snap}-{n}.{ext}")))
+        .find(free)
+        .unwrap_or(first)
+}
+
+/// Creates an empty overlay at `overlay` whose backing is `layer` (offline).
+pub async fn create_overlay(kind: Backend, layer: &Path, name: &str, overlay: &Path) -> Result<()> {
+    let request = CreateRequest::External {
+        name: name.to_string(),
+        overlay: Some(overlay.to_path_buf()),
+    };
+    let made = backend(kind, layer)?.create(&request).await?;
+    if !same_file(&made.active, overlay) {
+        return Err(Error::new(
+            ErrorKind::Command,
+            format!(
+                "the overlay was made at {} instead of {}",
+                made.active.display(),
+                overlay.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes an internal snapshot offline (qcow2 internal, LV snapshot).
+pub async fn create_internal(kind: Backend, image: &Path, name: &str) -> Result<()> {
+    if kind == Backend::Lvm {
+        return LvmBackend::new(image)?
+            .create_snapshot(name)
+            .await
+            .map(|_| ());
+    }
+    backend(kind, image)?
+        .create(&CreateRequest::Internal {
+            name: name.to_string(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Reverts an internal snapshot offline.
+pub async fn revert_internal(kind: Backend, image: &Path, name: &str) -> Result<()> {
+    backend(kind, image)?
+        .revert(&Target::Internal(name.to_string()))
+        .await
+}
+
+/// Deletes an internal snapshot offline.
+pub async fn delete_internal(kind: Backend, image: &Path, name: &str) -> Result<()> {
+    backend(kind, image)?
+        .delete(&Target::Internal(name.to_string()))
+        .await
+}
+
+/// Merges backing layer `layer` into `child` (whose direct backing it is) offline; the layer's
+/// file is removed when no other image in its folder uses it.
+pub async fn merge_into_child(kind: Backend, child: &Path, layer: &Path) -> Result<()> {
+    backend(kind, child)?
+        .delete(&Target::Layer(layer.to_path_buf()))
+        .await
+}
+
+/// Whether device-mapper is there (LV snapshot activation, merge).
+pub fn have_device_mapper() -> bool {
+    Path::new("/dev/mapper/control").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems() {
+        let names = ["s1", "s2", "before-upgrade"];
+        assert_eq!(stem_root(Path::new("/v/a.qcow2"), &names), "a");
+        assert_eq!(stem_root(Path::new("/v/a.s1.qcow2"), &names), "a");
+        assert_eq!(stem_root(Path::new("/v/a.s1.s2-3.qcow2"), &names), "a");
+        assert_eq!(
+            stem_root(Path::new("/v/vm.before-upgrade.qcow2"), &names),
+            "vm"
+        );
+        assert_eq!(stem_root(Path::new("/v/s1.qcow2"), &names), "s1");
+        assert_eq!(stem_root(Path::new("/v/a.x.qcow2"), &names), "a.x");
+    }
+
+    #[test]
+    fn fresh_names() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let base = dir.path().join("a.qcow2");
+        let first = fresh_overlay(&base, "a", "s1", &[]);
+        assert_eq!(first, dir.path().join("a.s1.qcow2"));
+        std::fs::write(&first, b"x").unwrap();
+        assert_eq!(
+            fresh_overlay(&base, "a", "s1", &[]),
+            dir.path().join("a.s1-1.qcow2")
+        );
+        assert_eq!(
+            fresh_overlay(&base, "a", "s1", &[dir.path().join("a.s1-1.qcow2")]),
+            dir.path().join("a.s1-2.qcow2")
+        );
+    }
+}
