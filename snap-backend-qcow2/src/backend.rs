@@ -40,7 +40,20 @@ pub fn open_image(path: &Path, writable: bool) -> Result<LockedImage> {
 /// Lists the snapshots and backing chain of the qcow2 image at `path`.
 pub fn list_path(path: &Path) -> Result<DiskListing> {
     let locked = open_image(path, false)?;
-    let image = &locked.image;
+    listing_of(path, &locked.image)
+}
+
+/// [`list_path`] without taking the image lock (like `qemu-img info -U`): for reading the
+/// snapshot table and backing chain of an image another process (a running QEMU) has open. The
+/// image is only read; if its owner is changing metadata at that moment, the listing may be
+/// stale or the read may fail (validation catches a half-written table).
+pub fn list_path_unlocked(path: &Path) -> Result<DiskListing> {
+    let io = FileIo::open(path, false)?;
+    let image = Qcow2::open(io, false).map_err(|e| e.with_path(path))?;
+    listing_of(path, &image)
+}
+
+fn listing_of(path: &Path, image: &Qcow2<FileIo>) -> Result<DiskListing> {
     let snapshots = image
         .snapshots()
         .iter()

@@ -35,6 +35,8 @@ mod txn;
 pub use image::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2};
 pub use internal::SnapshotTime;
 
-pub use backend::{LockedImage, Qcow2Backend, check_path, list_path, open_image};
+pub use backend::{
+    LockedImage, Qcow2Backend, check_path, list_path, list_path_unlocked, open_image,
+};
 pub use check::CheckReport;
 pub use data::{GuestRead, Qcow2Disk, RawLayer};

@@ -111,8 +111,16 @@ pub fn backend(kind: Backend, path: &Path) -> Result<Box<dyn DiskBackend>> {
     }
 }
 
-/// Lists a file's internal snapshots and chain.
+/// Lists a file's internal snapshots and chain, for planning. A qcow2 image is read without its
+/// lock (like `qemu-img info -U`), since a running domain's QEMU holds the lock of its active
+/// layer; the operations themselves take the locks (or go through QMP).
 pub async fn listing(kind: Backend, path: &Path) -> Result<DiskListing> {
+    if kind == Backend::Qcow2 {
+        let path = path.to_path_buf();
+        return tokio::task::spawn_blocking(move || snap_backend_qcow2::list_path_unlocked(&path))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))?;
+    }
     backend(kind, path)?.list().await
 }
 

@@ -701,6 +701,10 @@ impl Control for QemuControl {
             qemu_version: self.qmp.greeting().qemu_version(),
             live,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("create the memory image folder", e).with_path(dir))?;
+        }
         let info_path = memory_info_path(path);
         let text = serde_json::to_vec_pretty(&info)
             .map_err(|e| Error::invalid(format!("encode memory image info: {e}")))?;

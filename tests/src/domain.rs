@@ -220,28 +220,26 @@ pub fn wait_counter(console: &Path, at_least: u64, timeout: Duration) -> u64 {
     }
 }
 
-/// The counter in sector 0 of a qcow2 image (read with `qemu-io -U`, through its chain).
-pub fn disk_counter(image: &Path) -> Option<u64> {
-    let r = run(Command::new("qemu-io").args([
-        "-U",
-        "-r",
-        "-f",
-        "qcow2",
-        "-c",
-        "read -v 0 512",
-        p(image),
-    ]));
-    // qemu-io -v prints hex and an ASCII column; collect the ASCII column.
-    let ascii: String = r
-        .stdout
-        .lines()
-        .filter_map(|l| l.split_once("  ").map(|(_, rest)| rest))
-        .filter_map(|rest| rest.rsplit_once("  ").map(|(_, a)| a.to_string()))
-        .collect();
-    let at = ascii.find("counter ")?;
-    ascii
-        .get(at + 8..)?
-        .chars()
+/// The counter in sector 0 of a qcow2 image (through its chain; `-U`: QEMU may hold it), or of
+/// internal snapshot `snapshot` in it.
+pub fn disk_counter(image: &Path, snapshot: Option<&str>) -> Option<u64> {
+    let out = tempfile::NamedTempFile::new().ok()?;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-U", "-f", "qcow2", "-O", "raw"]);
+    if let Some(name) = snapshot {
+        cmd.args(["-l", &format!("snapshot.name={name}")]);
+    }
+    cmd.args([p(image), p(out.path())]);
+    let r = run(&mut cmd);
+    if !r.success() {
+        return None;
+    }
+    let mut sector = vec![0u8; 512];
+    let mut file = std::fs::File::open(out.path()).ok()?;
+    std::io::Read::read_exact(&mut file, &mut sector).ok()?;
+    let text = String::from_utf8_lossy(&sector);
+    let rest = text.strip_prefix("counter ")?;
+    rest.chars()
         .take_while(|c| c.is_ascii_digit())
         .collect::<String>()
         .parse()
