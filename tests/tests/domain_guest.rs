@@ -27,21 +27,25 @@ struct Guest {
 impl Guest {
     /// Defines and boots domain `name` with one 64 MiB qcow2 disk; waits for counter 5.
     fn boot(name: &str) -> Option<Guest> {
+        Self::boot_with(name, false)
+    }
+
+    /// [`Guest::boot`], with a second qcow2 disk `NAME-b.qcow2` as xvdb when `second`.
+    fn boot_with(name: &str, second: bool) -> Option<Guest> {
         let (kernel, initrd) = guest()?;
         let lab = DomainLab::new();
         let disk = lab.path(&format!("{name}.qcow2"));
         qemu_img(["create", "-q", "-f", "qcow2", p(&disk), "64M"]).ok();
+        let other = lab.path(&format!("{name}-b.qcow2"));
+        let mut disks = vec![("xvda", "qcow2", disk.as_path())];
+        if second {
+            qemu_img(["create", "-q", "-f", "qcow2", p(&other), "16M"]).ok();
+            disks.push(("xvdb", "qcow2", other.as_path()));
+        }
         let console = lab.path(&format!("{name}.console"));
         let cfg = lab.write_cfg(
             name,
-            &guest_cfg(
-                name,
-                &kernel,
-                &initrd,
-                &console,
-                128,
-                &[("xvda", "qcow2", &disk)],
-            ),
+            &guest_cfg(name, &kernel, &initrd, &console, 128, &disks),
         );
         lab.start(&cfg, name);
         wait_counter(&console, 5, BOOT);
@@ -320,4 +324,98 @@ fn domain_lifecycle_and_clear_errors() {
         .snapctl(["--hypervisor", "xen", "snapshot", "create", "life", "x"]);
     assert_error_line(&r);
     let _ = Path::new("");
+}
+
+#[test]
+fn rfc_matrix_two_disks_live_internal_nonlive_external_offline_memory_revert_children_only() {
+    let Some(g) = Guest::boot_with("matrix", true) else {
+        return;
+    };
+    let b = g.lab.path("matrix-b.qcow2");
+    // create: live, memory saved live, internal disks — both disks in one QMP transaction.
+    g.ok(&["snapshot", "create", &g.name, "s1", "--live"]);
+    assert_eq!(qemu_snapshot_names(&g.disk), ["s1"]);
+    assert_eq!(qemu_snapshot_names(&b), ["s1"]);
+    let info = g.info("s1");
+    assert_eq!(info["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(info["disks"][1]["vdev"], "xvdb");
+    assert_eq!(info["consistency"], "memory");
+
+    // create: live, memory saved non-live, external disks (two new overlays).
+    g.ok(&["snapshot", "create", &g.name, "s2", "--external"]);
+    let n2 = disk_counter(&g.disk, None).expect("s2's frozen layer");
+    let a2 = g.active();
+    let b2 = g.lab.active(&g.name, "xvdb");
+    assert_ne!(a2, g.disk);
+    assert_ne!(b2, b);
+    assert_eq!(g.info("s2")["parent"], "s1");
+
+    // A crash-consistent disk-only internal snapshot in the new overlay; revert to it while
+    // running: no memory, so the guest boots again (counter from 1).
+    g.ok(&["snapshot", "create", &g.name, "c1", "--disk-only"]);
+    assert_eq!(qemu_snapshot_names(&a2), ["c1"]);
+    let later = wait_counter(&g.console, n2 + 20, BOOT);
+    let seen = g.counters().len();
+    g.ok(&["snapshot", "revert", &g.name, "c1"]);
+    let fresh = g.new_counters(seen, 3);
+    assert!(
+        fresh[0] <= 2 && fresh[0] < later,
+        "revert to a disk-only snapshot boots: {fresh:?}"
+    );
+
+    // Offline revert with memory to an external snapshot: the guest continues from s2.
+    g.ok(&["domain", "destroy", &g.name]);
+    let seen = g.counters().len();
+    g.ok(&["snapshot", "revert", &g.name, "s2"]);
+    let new = g.new_counters(seen, 5);
+    assert_continues_from(&new, n2, "offline revert with memory, external");
+    assert!(a2.exists(), "c1 lives in the old overlay, which is kept");
+
+    // s3 on this branch: s2 now has two children (c1, s3).
+    g.ok(&["snapshot", "create", &g.name, "s3", "--external"]);
+    let list = g.lab.snapshots(&g.name);
+    let s2 = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "s2")
+        .unwrap();
+    assert_eq!(s2["children"], serde_json::json!(["c1", "s3"]));
+
+    // delete --children-only while running: c1 offline (its image is not in QEMU's chain any
+    // more), s3 online (its layer is merged into the running overlay by a block job).
+    let seen = g.counters().len();
+    g.ok(&["snapshot", "delete", &g.name, "s2", "--children-only"]);
+    let list = g.lab.snapshots(&g.name);
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["s1", "s2"]);
+    assert!(
+        qemu_snapshot_names(&a2).is_empty(),
+        "c1 deleted from its image"
+    );
+    let after = g.new_counters(seen, 3);
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1));
+
+    // s1's internal snapshots live in images QEMU reads as backing: refused while running,
+    // done once the domain is off.
+    let r = g.lab.snapctl(["snapshot", "delete", &g.name, "s1"]);
+    assert_error_line(&r);
+    assert!(r.stderr.contains("shut off"), "{}", r.describe());
+    g.ok(&["domain", "destroy", &g.name]);
+    g.ok(&["snapshot", "delete", &g.name, "s1"]);
+    assert!(qemu_snapshot_names(&g.disk).is_empty());
+    assert!(qemu_snapshot_names(&b).is_empty());
+    for image in [
+        g.active(),
+        g.lab.active(&g.name, "xvdb"),
+        g.disk.clone(),
+        b.clone(),
+    ] {
+        assert_qemu_clean(image.as_path(), "end of the matrix");
+    }
 }

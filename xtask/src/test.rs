@@ -2,11 +2,12 @@
 //!
 //! 1. system tools (qemu-utils >= 10; installed when root)
 //! 2. `cargo build --workspace --all-targets`
-//! 3. every test: `cargo nextest run --workspace` (or `cargo test --workspace` without nextest),
+//! 3. the QEMU test guest (`cargo xtask guest`; skipped when up to date)
+//! 4. every test: `cargo nextest run --workspace` (or `cargo test --workspace` without nextest),
 //!    with SNAPCTL_BIN pointing at the debug `snapctl` just built
-//! 4. doctests (nextest does not run them)
-//! 5. `cargo clippy --workspace --all-targets -- -D warnings`
-//! 6. `cargo fmt --all --check`
+//! 5. doctests (nextest does not run them)
+//! 6. `cargo clippy --workspace --all-targets -- -D warnings`
+//! 7. `cargo fmt --all --check`
 //!
 //! Steps after the build run even when an earlier one fails, so one run reports every problem.
 
@@ -39,6 +40,12 @@ pub fn run_tests(args: &[String]) -> Result {
             .cargo()
             .args(["build", "--workspace", "--all-targets"]))
     });
+    // The QEMU test guest of the domain tests (kernel + initramfs from Debian packages).
+    let guest = step(&mut steps, "guest", || {
+        crate::guest::run_guest(&[]).map_err(|e| match e {
+            Failure::Usage(m) | Failure::Failed(m) | Failure::NotImplemented(m) => m,
+        })
+    });
     if build {
         let mut tests = workspace.cargo();
         if has_nextest(&workspace) {
@@ -56,6 +63,10 @@ pub fn run_tests(args: &[String]) -> Result {
             ]);
         }
         tests.args(&extra).env("SNAPCTL_BIN", &snapctl);
+        if guest {
+            // The guest is there: a domain test that cannot find it must fail, not skip.
+            tests.env("SNAPCTL_REQUIRE_GUEST", "1");
+        }
         if !snapctl.exists() {
             println!(
                 "xtask: warning: {} was not built; tests that need snapctl will fail",
