@@ -66,6 +66,26 @@ impl Guest {
     }
 
     /// Waits until `from` more counter lines arrived after index `start`; returns them.
+    /// After a revert: the counters from the first one that dropped below its predecessor
+    /// (where the reverted guest took over — the old guest may have printed a few more lines
+    /// before it was stopped), once `count` of them arrived.
+    fn resumed_counters(&self, start: usize, count: usize) -> Vec<u64> {
+        let split = |all: &[u64]| -> Option<usize> {
+            (start.max(1)..all.len()).find(|&i| all[i] < all[i - 1])
+        };
+        assert!(
+            wait_until(BOOT, || {
+                let all = self.counters();
+                split(&all).is_some_and(|d| all.len() >= d + count)
+            }),
+            "the reverted guest printed no counters; console:\n{}",
+            String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default())
+        );
+        let mut all = self.counters();
+        let d = split(&all).unwrap();
+        all.split_off(d)
+    }
+
     fn new_counters(&self, start: usize, count: usize) -> Vec<u64> {
         assert!(
             wait_until(BOOT, || self.counters().len() >= start + count),
@@ -129,7 +149,7 @@ fn rfc_live_memory_external_disks_revert_running_delete_online() {
     let seen = g.counters().len();
     let r = g.ok(&["snapshot", "revert", &g.name, "s1"]);
     assert!(r.stdout.contains("running"), "{}", r.describe());
-    let new = g.new_counters(seen, 5);
+    let new = g.resumed_counters(seen, 5);
     assert_continues_from(&new, n, "live external revert");
     assert!(new[0] < later);
     assert_eq!(g.lab.state_of(&g.name), "running");
@@ -189,7 +209,7 @@ fn rfc_nonlive_memory_internal_disks_revert_paused_then_running_and_offline() {
 
     // revert --running: continues from the snapshot's counter.
     g.ok(&["snapshot", "revert", &g.name, "s1", "--running"]);
-    let new = g.new_counters(seen, 5);
+    let new = g.resumed_counters(seen, 5);
     assert_continues_from(&new, n, "non-live internal revert");
 
     // Another snapshot; then delete s1 online (QMP on the active image).
@@ -205,7 +225,7 @@ fn rfc_nonlive_memory_internal_disks_revert_paused_then_running_and_offline() {
     let seen = g.counters().len();
     g.ok(&["snapshot", "revert", &g.name, "s2"]);
     assert_eq!(g.lab.state_of(&g.name), "running");
-    let new = g.new_counters(seen, 5);
+    let new = g.resumed_counters(seen, 5);
     assert_continues_from(&new, n2, "offline revert with memory");
     g.ok(&["domain", "destroy", &g.name]);
     assert_qemu_clean(&g.disk, "end");
@@ -269,7 +289,7 @@ fn rfc_disk_only_live_quiesce_and_crash_consistent_revert_boots_fresh() {
     // Reverting to a disk-only snapshot of a running domain boots it again: counter from 1.
     let seen = g.counters().len();
     g.ok(&["snapshot", "revert", &g.name, "q1"]);
-    let new = g.new_counters(seen, 3);
+    let new = g.resumed_counters(seen, 3);
     assert!(
         new[0] <= 2 && new[0] < later,
         "a fresh boot counts from 1: {new:?}"
@@ -357,7 +377,7 @@ fn rfc_matrix_two_disks_live_internal_nonlive_external_offline_memory_revert_chi
     let later = wait_counter(&g.console, n2 + 20, BOOT);
     let seen = g.counters().len();
     g.ok(&["snapshot", "revert", &g.name, "c1"]);
-    let fresh = g.new_counters(seen, 3);
+    let fresh = g.resumed_counters(seen, 3);
     assert!(
         fresh[0] <= 2 && fresh[0] < later,
         "revert to a disk-only snapshot boots: {fresh:?}"
@@ -367,7 +387,7 @@ fn rfc_matrix_two_disks_live_internal_nonlive_external_offline_memory_revert_chi
     g.ok(&["domain", "destroy", &g.name]);
     let seen = g.counters().len();
     g.ok(&["snapshot", "revert", &g.name, "s2"]);
-    let new = g.new_counters(seen, 5);
+    let new = g.resumed_counters(seen, 5);
     assert_continues_from(&new, n2, "offline revert with memory, external");
     assert!(a2.exists(), "c1 lives in the old overlay, which is kept");
 

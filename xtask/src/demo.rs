@@ -111,8 +111,116 @@ impl Tour {
         }
         println!("(byte-identical)");
 
+        self.domain_tour()?;
+
         println!("\nsnapctl demo: every step passed.");
         Ok(())
+    }
+
+    /// The domain part: boot the test guest, take a live snapshot with memory, let the guest run
+    /// on, show the tree, revert, and see the guest continue from the snapshot's counter.
+    fn domain_tour(&mut self) -> std::result::Result<(), String> {
+        self.say("Build (or reuse) the tiny test guest: a Debian kernel and a busybox initramfs whose init counts in RAM, writing `counter N` to its disk and console every ~100 ms.");
+        crate::guest::run_guest(&[]).map_err(|e| match e {
+            crate::Failure::Usage(m)
+            | crate::Failure::Failed(m)
+            | crate::Failure::NotImplemented(m) => m,
+        })?;
+        let guest = crate::guest::guest_dir(&Workspace::locate().target);
+        let console = self.dir.join("demo-vm.console");
+        let disk = self.dir.join("demo-vm.qcow2");
+        run(self
+            .tool("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "demo-vm.qcow2", "64M"]))?;
+        let cfg = format!(
+            "# the demo domain (xl.cfg syntax)\nname = \"demo-vm\"\nmemory = 128\nvcpus = 1\nkernel = \"{}\"\nramdisk = \"{}\"\nextra = \"console=ttyS0 quiet\"\nserial = \"file:{}\"\ndisk = [ 'format=qcow2,vdev=xvda,access=rw,target={}' ]\n",
+            guest.join("vmlinuz").display(),
+            guest.join("initrd.img").display(),
+            console.display(),
+            disk.display()
+        );
+        std::fs::write(self.dir.join("demo-vm.cfg"), cfg)
+            .map_err(|e| format!("write demo-vm.cfg: {e}"))?;
+        let state = self.dir.join("state");
+        let state = state.to_string_lossy().into_owned();
+        let (bin, dir) = (self.snapctl.clone(), self.dir.clone());
+        let domain = move |args: &[&str]| -> Command {
+            let mut command = Command::new(&bin);
+            command
+                .current_dir(&dir)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(args);
+            command
+        };
+
+        self.say("Start the domain from its xl.cfg with the qemu driver and wait for the guest to count.");
+        run(domain(&["domain", "start", "demo-vm.cfg"]))?;
+        let result = (|| {
+            let seen = wait_counter(&console, 10, 0)?;
+            println!("(the guest's console says: counter {seen})");
+            run(domain(&["domain", "list"]))?;
+
+            self.say("Take a live snapshot: memory saved while the guest runs, external disk snapshots (a new overlay takes the writes).");
+            run(domain(&[
+                "snapshot",
+                "create",
+                "demo-vm",
+                "checkpoint",
+                "--live",
+                "--external",
+                "--description",
+                "demo",
+            ]))?;
+            run(domain(&["snapshot", "info", "demo-vm", "checkpoint"]))?;
+            let frozen = read_counter(&self.dir, "demo-vm.qcow2")?;
+            println!(
+                "(the snapshot's disk holds counter {frozen}: where the guest was when it stopped)"
+            );
+
+            self.say("Let the guest run on, and take a second snapshot.");
+            let later = wait_counter(&console, frozen + 20, 0)?;
+            println!("(the guest is at counter {later} now)");
+            run(domain(&[
+                "snapshot",
+                "create",
+                "demo-vm",
+                "later",
+                "--live",
+                "--external",
+            ]))?;
+            run(domain(&["snapshot", "list", "demo-vm", "--tree"]))?;
+
+            self.say("Revert to the first snapshot: the guest continues from its counter, not from the later one.");
+            let before = console_counters(&console).len();
+            run(domain(&["snapshot", "revert", "demo-vm", "checkpoint"]))?;
+            let resumed = wait_new_counter(&console, before)?;
+            println!(
+                "(after the revert the console says: counter {resumed}; the snapshot had {frozen})"
+            );
+            if resumed < frozen || resumed > frozen + 2 {
+                return Err(format!(
+                    "the guest did not continue from the snapshot: counter {resumed}, snapshot {frozen}"
+                ));
+            }
+            run(domain(&["snapshot", "list", "demo-vm"]))?;
+
+            self.say("Delete the first snapshot while the guest runs: its layer is merged by a block job.");
+            run(domain(&[
+                "--dry-run",
+                "snapshot",
+                "delete",
+                "demo-vm",
+                "checkpoint",
+            ]))?;
+            run(domain(&["snapshot", "delete", "demo-vm", "checkpoint"]))?;
+            run(domain(&["snapshot", "list", "demo-vm", "--tree"]))?;
+            Ok(())
+        })();
+        self.say("Destroy the domain (it stays defined with its snapshots).");
+        run(domain(&["domain", "destroy", "demo-vm"]))?;
+        run(domain(&["domain", "list"]))?;
+        result
     }
 
     fn say(&mut self, text: &str) {
@@ -157,6 +265,76 @@ impl Tour {
         check_listing(&String::from_utf8_lossy(&output.stdout), expected)
             .map_err(|why| format!("`{}`: {why}", display(&list)))
     }
+}
+
+/// The `counter N` values on a console log, in order.
+fn console_counters(console: &Path) -> Vec<u64> {
+    let text = std::fs::read(console).unwrap_or_default();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| {
+            let at = l.find("counter ")?;
+            l.get(at + 8..)?.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Waits (up to 120 s) for the console's counter to reach `at_least` (0: any); returns it.
+fn wait_counter(console: &Path, at_least: u64, _unused: u64) -> std::result::Result<u64, String> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(120) {
+        if let Some(last) = console_counters(console).last().copied()
+            && last >= at_least
+        {
+            return Ok(last);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Err(format!(
+        "the guest's counter did not reach {at_least} within 120 s (console {})",
+        console.display()
+    ))
+}
+
+/// Waits for the reverted guest's first counter: the first one after the first `seen` that is
+/// lower than the one before it (the old guest may print a few more lines before it stops).
+fn wait_new_counter(console: &Path, seen: usize) -> std::result::Result<u64, String> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(120) {
+        let all = console_counters(console);
+        let drop = (seen.max(1)..all.len()).find(
+            |&i| matches!((all.get(i), all.get(i - 1)), (Some(now), Some(before)) if now < before),
+        );
+        if let Some(first) = drop.and_then(|i| all.get(i)) {
+            return Ok(*first);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Err("the reverted guest printed nothing".to_string())
+}
+
+/// The counter in sector 0 of a qcow2 image (read with `qemu-img dd -U`).
+fn read_counter(dir: &Path, image: &str) -> std::result::Result<u64, String> {
+    let out = dir.join("sector0.raw");
+    let _ = std::fs::remove_file(&out);
+    run(Command::new("qemu-img").current_dir(dir).args([
+        "dd",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "bs=512",
+        "count=1",
+        &format!("if={image}"),
+        "of=sector0.raw",
+    ]))?;
+    let bytes = std::fs::read(&out).map_err(|e| format!("read {}: {e}", out.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.strip_prefix("counter ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no counter in sector 0 of {image}"))
 }
 
 /// Checks `disk list --json` output: one object with format qcow2, our virtual size, and exactly
