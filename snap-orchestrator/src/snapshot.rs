@@ -524,7 +524,17 @@ async fn create_steps(
                         stopped_at = Some(report.stopped_at);
                     }
                 }
+                let since = |label: &str| {
+                    if let Some(s) = stopped_at {
+                        tracing::debug!(
+                            "{label}: {:.1} ms after the guest stopped",
+                            window_ms(s, SystemTime::now())
+                        );
+                    }
+                };
+                since("memory saved");
                 ctl.activate_disks().await?;
+                since("disks reactivated");
             } else if *state == LiveState::Paused {
                 ctl.activate_disks().await?;
             }
@@ -535,6 +545,12 @@ async fn create_steps(
                     Error::unsupported("this domain's disks are not reachable over QMP")
                 })?;
                 qmp_create(&qmp, &online, name).await?;
+                if let Some(s) = stopped_at {
+                    tracing::debug!(
+                        "disk snapshots taken: {:.1} ms after the guest stopped",
+                        window_ms(s, SystemTime::now())
+                    );
+                }
             }
         }
         offline_create(disks.iter().filter(|d| !d.online), name).await

@@ -10,9 +10,12 @@
 //! Missed targets are reported, not fatal; a command that fails or a wrong result exits 1.
 //!
 //! The second part (`merge`, see [`merge`]) times deleting a layer of an external-snapshot chain
-//! against `qemu-img rebase` and `qemu-img commit`. `--only snapshot|merge` runs one part.
+//! against `qemu-img rebase` and `qemu-img commit`. The third (`pause`, see [`pause`]) measures the
+//! pause window of a live domain snapshot of the test guest. `--only snapshot|merge|pause` runs one
+//! part.
 
 mod merge;
+mod pause;
 
 use crate::proc::{TempDir, Workspace, capture, display, run};
 use crate::sysdeps::{GNU_TIME, ensure_gnu_time, ensure_qemu_tools};
@@ -48,6 +51,8 @@ enum Part {
     Snapshot,
     /// External chains: `snapctl disk delete --layer` against `qemu-img rebase` / `commit`.
     Merge,
+    /// The pause window of a live domain snapshot of the test guest.
+    Pause,
 }
 
 /// Bounds of `--merge-data`: the chain must fit in its 64G image (mid's data ends at 1.5x).
@@ -67,10 +72,14 @@ pub fn run_bench(args: &[String]) -> Result {
         .map_err(|err| format!("cannot create {}: {err}", workspace.target.display()))?;
     // Both parts run even when the first fails, so that one run shows every figure.
     let mut outcomes = Vec::new();
-    if options.only != Some(Part::Merge) {
+    let wants = |part: Part| options.only.is_none_or(|only| only == part);
+    if wants(Part::Snapshot) {
         outcomes.push(snapshot_bench(&workspace, &snapctl, &options, measure_rss));
     }
-    if options.only != Some(Part::Snapshot) {
+    if wants(Part::Pause) {
+        outcomes.push(pause::run_pause(&workspace.target, &snapctl, options.runs));
+    }
+    if wants(Part::Merge) {
         outcomes.push(merge::run_merge(
             &workspace.target,
             &snapctl,
@@ -180,9 +189,10 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 options.only = Some(match part.as_str() {
                     "snapshot" => Part::Snapshot,
                     "merge" => Part::Merge,
+                    "pause" => Part::Pause,
                     _ => {
                         return Err(Failure::Usage(format!(
-                            "--only {part}: expected `snapshot` or `merge`"
+                            "--only {part}: expected `snapshot`, `merge` or `pause`"
                         )));
                     }
                 });
