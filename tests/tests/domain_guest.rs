@@ -225,7 +225,7 @@ fn rfc_nonlive_memory_internal_disks_revert_paused_then_running_and_offline() {
     let seen = g.counters().len();
     g.ok(&["snapshot", "revert", &g.name, "s2"]);
     assert_eq!(g.lab.state_of(&g.name), "running");
-    let new = g.resumed_counters(seen, 5);
+    let new = g.new_counters(seen, 5);
     assert_continues_from(&new, n2, "offline revert with memory");
     g.ok(&["domain", "destroy", &g.name]);
     assert_qemu_clean(&g.disk, "end");
@@ -387,7 +387,7 @@ fn rfc_matrix_two_disks_live_internal_nonlive_external_offline_memory_revert_chi
     g.ok(&["domain", "destroy", &g.name]);
     let seen = g.counters().len();
     g.ok(&["snapshot", "revert", &g.name, "s2"]);
-    let new = g.resumed_counters(seen, 5);
+    let new = g.new_counters(seen, 5);
     assert_continues_from(&new, n2, "offline revert with memory, external");
     assert!(a2.exists(), "c1 lives in the old overlay, which is kept");
 
