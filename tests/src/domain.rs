@@ -15,7 +15,7 @@ use crate::{Run, p, run, snapctl, target_dir};
 pub struct DomainLab {
     /// The temporary folder (removed on drop).
     pub dir: tempfile::TempDir,
-    started: std::cell::RefCell<Vec<String>>,
+    started: std::sync::Mutex<Vec<String>>,
 }
 
 impl Default for DomainLab {
@@ -79,7 +79,10 @@ impl DomainLab {
     #[track_caller]
     pub fn start(&self, cfg: &Path, name: &str) -> Run {
         let r = self.ok(&["domain", "start", p(cfg)]);
-        self.started.borrow_mut().push(name.to_string());
+        self.started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
         r
     }
 
@@ -134,7 +137,12 @@ impl DomainLab {
 
 impl Drop for DomainLab {
     fn drop(&mut self) {
-        for name in self.started.borrow().iter() {
+        for name in self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let mut cmd = snapctl();
             cmd.arg("--state-dir")
                 .arg(self.state())

@@ -335,3 +335,127 @@ fn raw_disks_are_refused_with_a_clear_error() {
     assert_error_line(&r);
     assert!(r.stderr.contains("raw"), "{}", r.describe());
 }
+
+#[test]
+fn rfc_offline_mixed_qcow2_and_vhd_disks() {
+    if !have_qemu_system() {
+        eprintln!("note: qemu-system-x86_64 missing; skipping");
+        return;
+    }
+    let lab = DomainLab::new();
+    let a = lab.path("mixed.qcow2");
+    let v = lab.path("mixed-data.vhd");
+    qcow2(&a, "16M");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        p(&v),
+        "16M",
+    ])
+    .ok();
+    offline_domain("mixed", &[("xvda", "qcow2", &a), ("xvdb", "vhd", &v)], &lab);
+
+    // Default create: qcow2 internal, VHD a differencing child (its own kind of snapshot).
+    lab.ok(&["snapshot", "create", "mixed", "s1"]);
+    let info = lab.info("mixed", "s1");
+    assert_eq!(info["disks"][0]["kind"], "internal");
+    assert_eq!(info["disks"][1]["kind"], "external");
+    assert_eq!(info["disks"][1]["path"], p(&v));
+    let child = lab.active("mixed", "xvdb");
+    assert_eq!(child, lab.path("mixed-data.s1.vhd"));
+    let listing: Value =
+        serde_json::from_str(&lab.ok(&["disk", "list", p(&child), "--json"]).stdout).unwrap();
+    assert_eq!(listing["format"], "vhd");
+    assert_eq!(listing["chain"][0]["path"], p(&v));
+
+    // Revert: qcow2 in place, VHD a fresh child of the frozen parent.
+    lab.ok(&["snapshot", "revert", "mixed", "s1"]);
+    let again = lab.active("mixed", "xvdb");
+    assert_ne!(again, child);
+    assert!(!child.exists(), "the abandoned VHD child is removed");
+
+    // Delete: the qcow2 snapshot goes, the VHD parent is merged into its child.
+    lab.ok(&["snapshot", "delete", "mixed", "s1"]);
+    assert!(qemu_snapshot_names(&a).is_empty());
+    assert!(!v.exists(), "the VHD parent is coalesced into its child");
+    let listing: Value =
+        serde_json::from_str(&lab.ok(&["disk", "list", p(&again), "--json"]).stdout).unwrap();
+    assert_eq!(listing["chain"], serde_json::json!([]));
+    lab.ok(&["disk", "check", p(&again)]);
+    assert_qemu_clean(&a, "mixed end");
+}
+
+#[test]
+fn concurrent_snapctl_runs_on_one_domain_take_turns() {
+    if !have_qemu_system() {
+        eprintln!("note: qemu-system-x86_64 missing; skipping");
+        return;
+    }
+    let lab = DomainLab::new();
+    let a = lab.path("busy.qcow2");
+    qcow2(&a, "16M");
+    offline_domain("busy", &[("xvda", "qcow2", &a)], &lab);
+    let runs: Vec<Run> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let lab = &lab;
+                scope.spawn(move || lab.snapctl(["snapshot", "create", "busy", &format!("c{i}")]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &runs {
+        assert!(r.success(), "a concurrent create failed\n{}", r.describe());
+    }
+    // All four recorded, each on top of the one before (none lost, none saw a stale tree).
+    let list = lab.snapshots("busy");
+    let snaps = list["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 4);
+    let roots = snaps.iter().filter(|s| s["parent"].is_null()).count();
+    assert_eq!(roots, 1, "a linear chain: {list}");
+    for s in snaps {
+        assert!(s["children"].as_array().unwrap().len() <= 1, "{list}");
+    }
+    let mut on_disk = qemu_snapshot_names(&a);
+    on_disk.sort();
+    assert_eq!(on_disk, ["c0", "c1", "c2", "c3"]);
+    assert_qemu_clean(&a, "after concurrent creates");
+}
+
+#[test]
+fn bad_configs_point_at_the_line_and_key() {
+    let lab = DomainLab::new();
+    let cfg = lab.write_cfg("bad", "name = \"bad\"\nmemory = 64\nvcpus = \"two\"\n");
+    let r = lab.snapctl(["domain", "start", p(&cfg)]);
+    assert_error_line(&r);
+    assert!(
+        r.stderr.contains("line 3") && r.stderr.contains("vcpus"),
+        "{}",
+        r.describe()
+    );
+    let cfg = lab.write_cfg(
+        "bad2",
+        "name = \"bad2\"\ndisk = [ 'x.qcow2,qcow2,xvda',\n  'format=qcow3,vdev=xvdb,target=y' ]\n",
+    );
+    let r = lab.snapctl(["domain", "start", p(&cfg)]);
+    assert_error_line(&r);
+    assert!(
+        r.stderr.contains("line 3") && r.stderr.contains("qcow3"),
+        "{}",
+        r.describe()
+    );
+    let cfg = lab.write_cfg(
+        "bad3",
+        "name = \"bad3\"\ndisk = [ 'nothere.qcow2,qcow2,xvda' ]\n",
+    );
+    let r = lab.snapctl(["domain", "start", p(&cfg)]);
+    assert_error_line(&r);
+    assert!(r.stderr.contains("does not exist"), "{}", r.describe());
+    // Nothing was defined by the refused starts.
+    let listed = lab.ok(&["domain", "list", "--json"]).stdout;
+    assert_eq!(listed.trim(), "[]");
+}
