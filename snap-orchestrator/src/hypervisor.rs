@@ -15,6 +15,7 @@ use snap_core::Result;
 use snap_core::qmp::QmpClient;
 
 use crate::store::{DomainRecord, Runtime};
+use crate::xlcfg::DiskSpec;
 
 /// A domain's state as the hypervisor sees it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +86,11 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     /// Takes control of a running or paused domain for an operation.
     async fn attach(&self, dom: &DomainRecord) -> Result<Box<dyn Control>>;
+
+    /// Whether, while the domain runs, this disk is open in a QEMU reachable over QMP (then
+    /// its snapshots go through QMP); otherwise it is snapshotted through its offline backend
+    /// with the guest paused. The qemu driver: every disk. Xen: qdisk-backed disks only.
+    fn disk_via_qmp(&self, disk: &DiskSpec) -> bool;
 }
 
 /// Control of one running (or paused) domain during an operation.

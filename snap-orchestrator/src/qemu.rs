@@ -639,6 +639,10 @@ impl Hypervisor for QemuDriver {
         ))
     }
 
+    fn disk_via_qmp(&self, _disk: &DiskSpec) -> bool {
+        true
+    }
+
     async fn attach(&self, dom: &DomainRecord) -> Result<Box<dyn Control>> {
         if self.live_pid(dom).is_none() {
             return Err(Error::new(

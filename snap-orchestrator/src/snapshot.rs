@@ -241,7 +241,7 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
             Backend::Vhd => DiskKind::External,
             _ => DiskKind::Internal,
         };
-        let online = live_domain && backend != Backend::Lvm;
+        let online = live_domain && backend != Backend::Lvm && driver.disk_via_qmp(disk);
         if online && backend != Backend::Qcow2 {
             return Err(Error::unsupported(format!(
                 "disk {}: {} disks of a running QEMU domain cannot be snapshotted through QEMU \
@@ -1004,7 +1004,11 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
         for d in &snap.disks {
             let backend = Backend::parse(&d.backend)?;
             let active = sim.config.disk(&d.vdev).map(|s| PathBuf::from(&s.target));
-            let running_chain = if live_domain {
+            let via_qmp = sim
+                .config
+                .disk(&d.vdev)
+                .is_some_and(|s| driver.disk_via_qmp(s));
+            let running_chain = if live_domain && via_qmp {
                 match &active {
                     Some(a) => {
                         let mut chain = vec![a.clone()];
