@@ -353,10 +353,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     snapshot::delete(&ctx, &domain, &name, opts).await
                 }
                 SnapshotCommand::List { domain, tree, json } => {
-                    snapshot::list(&ctx, &domain, tree, json)
+                    snapshot::list(&ctx, &domain, tree, json).await
                 }
                 SnapshotCommand::Info { domain, name, json } => {
-                    snapshot::info(&ctx, &domain, &name, json)
+                    snapshot::info(&ctx, &domain, &name, json).await
                 }
             }
         }

@@ -43,8 +43,12 @@ impl Ctx {
     pub fn driver(&self, name: &str) -> Result<Box<dyn Hypervisor>> {
         match name {
             "qemu" => Ok(Box::new(QemuDriver::new(self.store.clone()))),
+            #[cfg(feature = "xen")]
+            "xen" => Ok(Box::new(crate::xen::XenDriver::new(self.store.clone())?)),
+            #[cfg(not(feature = "xen"))]
             "xen" => Err(Error::unsupported(
-                "the Xen driver (libxl) is not available in this build yet; use --hypervisor qemu",
+                "this snapctl was built without Xen support (cargo feature `xen`, which links \
+                 libxenlight); rebuild it with `--features xen` or use --hypervisor qemu",
             )),
             other => Err(Error::corrupt(format!("unknown hypervisor {other:?}"))),
         }
@@ -89,7 +93,11 @@ pub async fn start(ctx: &Ctx, cfg: &Path) -> Result<u8> {
     let name = config.name.clone();
     crate::store::validate_name("domain", &name)?;
     let lock = ctx.store.lock(&name)?;
-    let mut rec = match lock.load()? {
+    let known = match lock.load()? {
+        Some(rec) => Some(crate::exec::settle(ctx, &lock, rec).await?),
+        None => None,
+    };
+    let mut rec = match known {
         Some(mut rec) => {
             for disk in &mut config.disks {
                 if let Some(known) = rec.config.disk(&disk.vdev)
@@ -151,6 +159,10 @@ pub async fn start(ctx: &Ctx, cfg: &Path) -> Result<u8> {
 
 /// `domain list`.
 pub async fn list(ctx: &Ctx, json: bool) -> Result<u8> {
+    if ctx.hypervisor.is_some() {
+        // An explicit --hypervisor must be usable, even with no domain defined yet.
+        ctx.driver(ctx.default_hypervisor())?;
+    }
     let mut rows = Vec::new();
     for name in ctx.store.list_domains()? {
         let Some(rec) = ctx.store.read(&name)? else {
@@ -208,8 +220,7 @@ pub async fn list(ctx: &Ctx, json: bool) -> Result<u8> {
 /// `domain destroy NAME`.
 pub async fn destroy(ctx: &Ctx, name: &str) -> Result<u8> {
     crate::store::validate_name("domain", name)?;
-    let lock = ctx.store.lock(name)?;
-    let mut rec = load_defined(&lock, name)?;
+    let (lock, mut rec) = crate::exec::open_domain(ctx, name).await?;
     let driver = ctx.driver_for(&rec)?;
     let state = driver.state(&rec).await.unwrap_or(LiveState::Running);
     if ctx.dry_run {

@@ -96,6 +96,10 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 /// Control of one running (or paused) domain during an operation.
 #[async_trait]
 pub trait Control: Send + Sync + fmt::Debug {
+    /// The domain's state, asked over this control's own connection (a second connection to a
+    /// QMP monitor would wait for this one to close).
+    async fn state(&mut self) -> Result<LiveState>;
+
     /// Stops the guest; returns when it stopped.
     async fn pause(&mut self) -> Result<SystemTime>;
 
@@ -114,6 +118,12 @@ pub trait Control: Send + Sync + fmt::Debug {
     /// The QMP connection of the process that has the disks open, if the disks are open in a
     /// QEMU (the qemu driver; Xen's qdisk device model).
     fn disk_qmp(&self) -> Option<Arc<QmpClient>>;
+
+    /// The QMP node name of the disk the guest sees as `vdev`: the qemu driver names nodes
+    /// after the vdev; Xen's qdisk backend names them `VDEV-DRIVER` (e.g. `xvda-qcow2`).
+    fn disk_node(&self, vdev: &str) -> String {
+        vdev.to_string()
+    }
 
     /// The guest agent socket (qemu-ga over virtio-serial), if the domain has one.
     fn guest_agent(&self) -> Option<PathBuf>;

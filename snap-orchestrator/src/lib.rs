@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod disk;
 pub mod domain;
+pub mod exec;
 pub mod hypervisor;
 pub mod layers;
 pub mod logging;

@@ -703,6 +703,10 @@ struct QemuControl {
 
 #[async_trait]
 impl Control for QemuControl {
+    async fn state(&mut self) -> Result<LiveState> {
+        Ok(live_state(&run_status(&self.qmp).await?))
+    }
+
     async fn pause(&mut self) -> Result<SystemTime> {
         if run_status(&self.qmp).await? != "running" {
             return Ok(SystemTime::now());

@@ -13,15 +13,13 @@
 //! external snapshot, the image holding an internal one.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use snap_backend_qcow2::online::{self as qonline, OnlineDisk, StreamOptions};
-use snap_core::qmp::QmpClient;
 use snap_core::{Error, ErrorKind, Result};
 
-use crate::domain::{Ctx, load_defined};
-use crate::hypervisor::{Control, LiveState, StartMode, window_ms};
+use crate::domain::Ctx;
+use crate::exec::{self, DiskAction, Exec, Journal, Step};
+use crate::hypervisor::LiveState;
 use crate::layers::{self, Backend};
 use crate::qga::GuestAgent;
 use crate::store::{
@@ -45,8 +43,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn step(&mut self, text: impl Into<String>) {
-        self.steps.push(text.into());
+    /// A plan listing `steps`.
+    pub fn of(steps: &[Step]) -> Plan {
+        Plan {
+            steps: steps.iter().map(Step::describe).collect(),
+            ..Plan::default()
+        }
     }
 
     /// Prints the plan (for `--dry-run`).
@@ -103,26 +105,6 @@ fn stored_state(state: &LiveState) -> DomainState {
         LiveState::Paused => DomainState::Paused,
         _ => DomainState::Shutoff,
     }
-}
-
-/// Every file the domain's records point at for `vdev`: snapshot layers and images, the
-/// current active file.
-fn tracked_files(rec: &DomainRecord, vdev: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    for snap in &rec.snapshots {
-        for disk in snap.disks.iter().filter(|d| d.vdev == vdev) {
-            if !files.contains(&disk.path) {
-                files.push(disk.path.clone());
-            }
-        }
-    }
-    if let Some(disk) = rec.config.disk(vdev) {
-        let active = PathBuf::from(&disk.target);
-        if !files.contains(&active) {
-            files.push(active);
-        }
-    }
-    files
 }
 
 /// Whether `path` is the frozen layer of an external snapshot of `vdev` (other than `except`).
@@ -189,8 +171,7 @@ struct DiskCreate {
 /// `snapshot create`.
 pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -> Result<u8> {
     store::validate_name("snapshot", name)?;
-    let lock = ctx.store.lock(domain)?;
-    let mut rec = load_defined(&lock, domain)?;
+    let (lock, rec) = exec::open_domain(ctx, domain).await?;
     if rec.snapshot(name).is_some() {
         return Err(Error::new(
             ErrorKind::Exists,
@@ -312,54 +293,97 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
     }
 
     // The plan.
-    let mut plan = Plan::default();
-    if opts.quiesce {
-        plan.step("freeze the guest's file systems (qemu-ga guest-fsfreeze-freeze)");
-    }
     let offline_lv = disks.iter().any(|d| !d.online) && state == LiveState::Running;
     let pauses = memory == Memory::NonLive && state == LiveState::Running
         || (memory == Memory::None && offline_lv);
+    let action = |d: &DiskCreate| DiskAction {
+        vdev: d.vdev.clone(),
+        backend: d.backend.as_str().to_string(),
+        kind: d.kind,
+        image: d.image.clone(),
+        overlay: d.overlay.clone(),
+    };
+    let mut steps = Vec::new();
+    if opts.quiesce {
+        steps.push(Step::Freeze);
+    }
     if pauses {
-        plan.step("pause the guest");
+        steps.push(Step::Pause);
     }
     if let Some(path) = &memory_path {
+        steps.push(Step::SaveMemory {
+            path: path.clone(),
+            live: memory == Memory::Live,
+        });
+    }
+    let qmp_disks: Vec<DiskAction> = disks.iter().filter(|d| d.online).map(action).collect();
+    if live_domain
+        && (memory != Memory::None || state == LiveState::Paused)
+        && !qmp_disks.is_empty()
+    {
+        steps.push(Step::ActivateDisks);
+    }
+    if !qmp_disks.is_empty() {
+        steps.push(Step::QmpSnapshots {
+            name: name.to_string(),
+            disks: qmp_disks,
+        });
+    }
+    for d in disks.iter().filter(|d| !d.online) {
+        steps.push(Step::OfflineSnapshot {
+            name: name.to_string(),
+            disk: action(d),
+        });
+    }
+    if state == LiveState::Running && (pauses || memory != Memory::None) {
+        steps.push(Step::Resume);
+    }
+    if opts.quiesce {
+        steps.push(Step::Thaw);
+    }
+    let snapshot = SnapshotRecord {
+        name: name.to_string(),
+        parent: rec.current.clone(),
+        created: now_rfc3339(),
+        description: opts.description.clone(),
+        state: stored_state(&state),
+        memory: memory_path.clone(),
+        consistency: if memory != Memory::None {
+            Consistency::Memory
+        } else if opts.quiesce {
+            Consistency::Quiesced
+        } else {
+            Consistency::Crash
+        },
+        // Running and never paused: no pause at all; else measured while running.
+        pause_window_ms: (state == LiveState::Running && !pauses && memory == Memory::None)
+            .then_some(0.0),
+        config: rec.config.clone(),
+        disks: disks
+            .iter()
+            .map(|d| SnapshotDisk {
+                vdev: d.vdev.clone(),
+                backend: d.backend.as_str().to_string(),
+                kind: d.kind,
+                path: d.image.clone(),
+                snapshot: (d.kind == DiskKind::Internal).then(|| name.to_string()),
+            })
+            .collect(),
+    };
+    let targets: Vec<(String, PathBuf)> = disks
+        .iter()
+        .filter_map(|d| d.overlay.clone().map(|o| (d.vdev.clone(), o)))
+        .collect();
+    steps.push(Step::RecordCreate {
+        snapshot: Box::new(snapshot),
+        targets,
+    });
+    let mut plan = Plan::of(&steps);
+    if memory_path.is_some() {
         let ram = rec.config.memory_mib.saturating_mul(1 << 20);
         plan.space_needed = plan.space_needed.saturating_add(ram);
         plan.bytes_to_copy = plan.bytes_to_copy.saturating_add(ram);
-        plan.step(format!(
-            "save memory {} to {} (up to {})",
-            if memory == Memory::Live {
-                "while the guest runs (it stops for the final stage only)"
-            } else {
-                "with the guest paused"
-            },
-            path.display(),
-            human(ram)
-        ));
-        plan.step("reactivate the disk images (a save hands them over inactive)");
     }
-    let qmp_disks: Vec<&DiskCreate> = disks.iter().filter(|d| d.online).collect();
-    if !qmp_disks.is_empty() {
-        let what: Vec<String> = qmp_disks.iter().map(|d| describe_create(d, name)).collect();
-        plan.step(format!(
-            "one QMP transaction (all or none): {}",
-            what.join("; ")
-        ));
-    }
-    for d in disks.iter().filter(|d| !d.online) {
-        plan.step(describe_create(d, name));
-    }
-    if pauses || memory != Memory::None && state == LiveState::Running {
-        plan.step("resume the guest");
-    }
-    if opts.quiesce {
-        plan.step("thaw the guest's file systems");
-    }
-    let parent = rec.current.clone();
-    plan.step(format!(
-        "record snapshot {name} (parent {}) as the current snapshot",
-        parent.as_deref().unwrap_or("none")
-    ));
     plan.pause_window = match (state.clone(), memory) {
         (LiveState::Running, Memory::Live) => {
             "the final stage of the live save (tens of ms)".into()
@@ -375,90 +399,61 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
     }
 
     // Execute.
-    let mut ctl = if live_domain {
+    let ctl = if live_domain {
         Some(driver.attach(&rec).await?)
     } else {
         None
     };
-    let mut agent = None;
-    if opts.quiesce {
+    let agent = if opts.quiesce {
         let socket = ctl
             .as_ref()
             .and_then(|c| c.guest_agent())
             .ok_or_else(|| Error::unsupported("this domain has no guest agent channel"))?;
-        let mut a = GuestAgent::connect(&socket, AGENT_TIMEOUT)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "cannot quiesce domain {domain}: {}; nothing was changed — run without \
-                     --quiesce for a crash-consistent disk-only snapshot",
-                        e.message()
-                    ),
-                )
-            })?;
-        a.freeze().await?;
-        agent = Some(a);
-    }
-    let outcome = create_steps(
-        ctl.as_mut(),
-        &disks,
-        name,
-        memory,
-        memory_path.as_deref(),
-        pauses,
-        &state,
-    )
-    .await;
-    if let Some(mut a) = agent {
-        if let Err(e) = a.thaw().await {
-            tracing::warn!("thawing the guest's file systems failed: {e}");
-            eprintln!("snapctl: warning: thawing the guest's file systems failed: {e}");
-        }
-    }
-    let window = outcome?;
-
-    // Record.
-    let disk_records: Vec<SnapshotDisk> = disks
-        .iter()
-        .map(|d| SnapshotDisk {
-            vdev: d.vdev.clone(),
-            backend: d.backend.as_str().to_string(),
-            kind: d.kind,
-            path: d.image.clone(),
-            snapshot: (d.kind == DiskKind::Internal).then(|| name.to_string()),
-        })
-        .collect();
-    let snapshot = SnapshotRecord {
-        name: name.to_string(),
-        parent,
-        created: now_rfc3339(),
-        description: opts.description.clone(),
-        state: stored_state(&state),
-        memory: memory_path.clone(),
-        consistency: if memory != Memory::None {
-            Consistency::Memory
-        } else if opts.quiesce {
-            Consistency::Quiesced
-        } else {
-            Consistency::Crash
-        },
-        pause_window_ms: window,
-        config: rec.config.clone(),
-        disks: disk_records,
+        Some(
+            GuestAgent::connect(&socket, AGENT_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "cannot quiesce domain {domain}: {}; nothing was changed — run \
+                             without --quiesce for a crash-consistent disk-only snapshot",
+                            e.message()
+                        ),
+                    )
+                })?,
+        )
+    } else {
+        None
     };
-    for d in &disks {
-        if let (Some(overlay), Some(spec)) = (
-            &d.overlay,
-            rec.config.disks.iter_mut().find(|s| s.vdev == d.vdev),
-        ) {
-            spec.target = overlay.to_string_lossy().into_owned();
+    let journal = Journal {
+        operation: "create".into(),
+        snapshot: name.to_string(),
+        started: exec::now(),
+        was_running: state == LiveState::Running,
+        steps,
+        done: 0,
+    };
+    let last_disk = journal
+        .steps
+        .iter()
+        .rposition(|s| matches!(s, Step::QmpSnapshots { .. } | Step::OfflineSnapshot { .. }))
+        .unwrap_or(0);
+    let mut exec = Exec::new(&lock, rec, driver, ctl, journal);
+    exec.set_agent(agent);
+    match exec.run(last_disk + 1).await {
+        Ok(()) => {}
+        Err((index, e)) if index <= last_disk => {
+            if let Err(undo) = exec.roll_back_create(index).await {
+                eprintln!("snapctl: warning: {undo}");
+            }
+            return Err(e);
+        }
+        Err((_, e)) => {
+            return Err(e.context(format!("snapshot {name} was taken and recorded, but")));
         }
     }
-    rec.add_snapshot(snapshot)?;
-    rec.current = Some(name.to_string());
-    lock.save(&rec)?;
+    let window = exec.rec.snapshot(name).and_then(|s| s.pause_window_ms);
     let mut line = format!(
         "snapshot {name} of domain {domain} created: {} disk(s){}",
         disks.len(),
@@ -478,174 +473,6 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
         }
     }
     Ok(0)
-}
-
-fn describe_create(d: &DiskCreate, name: &str) -> String {
-    match (&d.kind, &d.overlay, d.backend) {
-        (DiskKind::External, Some(overlay), _) => format!(
-            "{}: new overlay {} on {}",
-            d.vdev,
-            overlay.display(),
-            d.image.display()
-        ),
-        (_, _, Backend::Lvm) => format!("{}: snapshot LV {name} of {}", d.vdev, d.image.display()),
-        _ => format!(
-            "{}: internal snapshot {name} in {}",
-            d.vdev,
-            d.image.display()
-        ),
-    }
-}
-
-/// The create's actions after the freeze; returns the pause window (ms).
-async fn create_steps(
-    mut ctl: Option<&mut Box<dyn Control>>,
-    disks: &[DiskCreate],
-    name: &str,
-    memory: Memory,
-    memory_path: Option<&Path>,
-    pauses: bool,
-    state: &LiveState,
-) -> Result<Option<f64>> {
-    let running = *state == LiveState::Running;
-    let mut stopped_at: Option<SystemTime> = None;
-    let mut stopped_by_us = false;
-    let result = async {
-        if let Some(ctl) = ctl.as_deref_mut() {
-            if pauses {
-                stopped_at = Some(ctl.pause().await?);
-                stopped_by_us = true;
-            }
-            if let (Some(path), true) = (memory_path, memory != Memory::None) {
-                let report = ctl.save_memory(path, memory == Memory::Live).await?;
-                if running {
-                    stopped_by_us = true;
-                    if memory == Memory::Live {
-                        stopped_at = Some(report.stopped_at);
-                    }
-                }
-                let since = |label: &str| {
-                    if let Some(s) = stopped_at {
-                        tracing::debug!(
-                            "{label}: {:.1} ms after the guest stopped",
-                            window_ms(s, SystemTime::now())
-                        );
-                    }
-                };
-                since("memory saved");
-                ctl.activate_disks().await?;
-                since("disks reactivated");
-            } else if *state == LiveState::Paused {
-                ctl.activate_disks().await?;
-            }
-            let qmp = ctl.disk_qmp();
-            let online: Vec<&DiskCreate> = disks.iter().filter(|d| d.online).collect();
-            if !online.is_empty() {
-                let qmp = qmp.ok_or_else(|| {
-                    Error::unsupported("this domain's disks are not reachable over QMP")
-                })?;
-                qmp_create(&qmp, &online, name).await?;
-                if let Some(s) = stopped_at {
-                    tracing::debug!(
-                        "disk snapshots taken: {:.1} ms after the guest stopped",
-                        window_ms(s, SystemTime::now())
-                    );
-                }
-            }
-        }
-        offline_create(disks.iter().filter(|d| !d.online), name).await
-    }
-    .await;
-    // Resume whatever happened, if the guest ran before.
-    let mut window = None;
-    if let Some(ctl) = ctl {
-        if running && stopped_by_us {
-            match ctl.resume().await {
-                Ok(resumed) => {
-                    window = stopped_at.map(|s| window_ms(s, resumed));
-                }
-                Err(e) => {
-                    if result.is_ok() {
-                        return Err(
-                            e.context("the snapshot was taken but the guest did not resume")
-                        );
-                    }
-                    eprintln!("snapctl: warning: resuming the guest failed: {e}");
-                }
-            }
-        } else if running {
-            window = Some(0.0);
-        }
-    }
-    if result.is_err()
-        && let Some(path) = memory_path
-    {
-        let _ = std::fs::remove_file(path);
-        let _ = std::fs::remove_file(crate::qemu::memory_info_path(path));
-    }
-    result.map(|()| window)
-}
-
-/// The QMP transaction of the qcow2 disks of a running domain.
-async fn qmp_create(qmp: &QmpClient, disks: &[&DiskCreate], name: &str) -> Result<()> {
-    let external: Vec<&&DiskCreate> = disks.iter().filter(|d| d.overlay.is_some()).collect();
-    if external.is_empty() {
-        let requests: Vec<(&str, &str)> = disks.iter().map(|d| (d.vdev.as_str(), name)).collect();
-        qonline::create_many_internal(qmp, &requests).await?;
-        return Ok(());
-    }
-    if external.len() != disks.len() {
-        return Err(Error::unsupported(
-            "internal and external disk snapshots in one QMP transaction",
-        ));
-    }
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() % 1_000_000_000)
-        .unwrap_or(0);
-    let nodes: Vec<String> = disks
-        .iter()
-        .map(|d| format!("{}-{stamp}", d.vdev))
-        .collect();
-    let mut requests: Vec<(&str, &Path, &str)> = Vec::new();
-    for (d, node) in disks.iter().zip(&nodes) {
-        let overlay = d
-            .overlay
-            .as_deref()
-            .ok_or_else(|| Error::invalid("external disk without overlay"))?;
-        requests.push((d.vdev.as_str(), overlay, node.as_str()));
-    }
-    qonline::create_many_external(qmp, &requests).await?;
-    Ok(())
-}
-
-/// The offline disk snapshots (shut-off domain, or LVs); undone in reverse on failure.
-async fn offline_create<'a>(disks: impl Iterator<Item = &'a DiskCreate>, name: &str) -> Result<()> {
-    let mut done: Vec<&DiskCreate> = Vec::new();
-    for d in disks {
-        let result = match &d.overlay {
-            Some(overlay) => layers::create_overlay(d.backend, &d.image, name, overlay).await,
-            None => layers::create_internal(d.backend, &d.image, name).await,
-        };
-        if let Err(e) = result {
-            for undo in done.iter().rev() {
-                let undone = match &undo.overlay {
-                    Some(overlay) => std::fs::remove_file(overlay)
-                        .map_err(|e| Error::io("remove overlay", e).with_path(overlay)),
-                    None => layers::delete_internal(undo.backend, &undo.image, name).await,
-                };
-                if let Err(u) = undone {
-                    eprintln!(
-                        "snapctl: warning: undoing disk {}'s snapshot failed: {u}",
-                        undo.vdev
-                    );
-                }
-            }
-            return Err(e.context(format!("disk {}", d.vdev)));
-        }
-        done.push(d);
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -690,8 +517,7 @@ impl RevertDisk {
 
 /// `snapshot revert`.
 pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Result<u8> {
-    let lock = ctx.store.lock(domain)?;
-    let mut rec = load_defined(&lock, domain)?;
+    let (lock, rec) = exec::open_domain(ctx, domain).await?;
     let snap = rec.get(name)?.clone();
     let driver = ctx.driver_for(&rec)?;
     let state = driver.state(&rec).await?;
@@ -787,74 +613,26 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
         });
     }
 
-    let mut plan = Plan::default();
+    let mut steps = Vec::new();
     if matches!(state, LiveState::Running | LiveState::Paused) {
-        plan.step(format!(
-            "stop domain {domain} (its current state is dropped)"
-        ));
+        steps.push(Step::Destroy);
     }
     for d in &disks {
-        match &d.action {
-            DiskRevert::Internal { image } => plan.step(format!(
-                "{}: revert internal snapshot {name} in {}",
-                d.vdev,
-                image.display()
-            )),
-            DiskRevert::Overlay { layer, overlay } => plan.step(format!(
-                "{}: new empty overlay {} on {}",
-                d.vdev,
-                overlay.display(),
-                layer.display()
-            )),
-        }
-    }
-    plan.step(format!("record snapshot {name} as current"));
-    for d in &disks {
-        if let Some(old) = &d.drop_old {
-            plan.step(format!(
-                "{}: remove the old active layer {} (no snapshot uses it)",
-                d.vdev,
-                old.display()
-            ));
-        }
-    }
-    match (&target, &restore) {
-        (DomainState::Shutoff, _) => plan.step("leave the domain shut off"),
-        (_, Some(memory)) => plan.step(format!(
-            "start the domain from memory image {} and leave it {}",
-            memory.display(),
-            if target == DomainState::Running {
-                "running"
-            } else {
-                "paused"
-            }
-        )),
-        (DomainState::Running, None) => plan.step("boot the domain (the snapshot has no memory)"),
-        (_, None) => plan.step("start the domain paused, before its first instruction"),
-    }
-    plan.pause_window = "none (the domain restarts)".into();
-    if ctx.dry_run {
-        plan.print(&format!("snapshot revert {domain} {name}"));
-        return Ok(0);
-    }
-
-    if matches!(state, LiveState::Running | LiveState::Paused) {
-        driver.destroy(&rec).await?;
-        rec.runtime = None;
-    }
-    for d in &disks {
-        let done = match &d.action {
-            DiskRevert::Internal { image } => layers::revert_internal(d.backend, image, name).await,
-            DiskRevert::Overlay { layer, overlay } => {
-                layers::create_overlay(d.backend, layer, name, overlay).await
-            }
-        };
-        done.map_err(|e| {
-            e.context(format!(
-                "disk {} (domain {domain} is shut off now; run the revert again)",
-                d.vdev
-            ))
-        })?;
+        steps.push(match &d.action {
+            DiskRevert::Internal { image } => Step::RevertInternal {
+                vdev: d.vdev.clone(),
+                backend: d.backend.as_str().to_string(),
+                image: image.clone(),
+                name: name.to_string(),
+            },
+            DiskRevert::Overlay { layer, overlay } => Step::NewOverlay {
+                vdev: d.vdev.clone(),
+                backend: d.backend.as_str().to_string(),
+                layer: layer.clone(),
+                overlay: overlay.clone(),
+                name: name.to_string(),
+            },
+        });
     }
     // The domain's config becomes the snapshot's, on the new active files.
     let mut config = snap.config.clone();
@@ -863,37 +641,45 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
             spec.target = d.new_active().to_string_lossy().into_owned();
         }
     }
-    rec.config = config;
-    rec.current = Some(name.to_string());
-    lock.save(&rec)?;
+    steps.push(Step::RecordRevert {
+        name: name.to_string(),
+        config: Box::new(config),
+    });
     for d in &disks {
-        if let Some(old) = &d.drop_old
-            && let Err(e) = std::fs::remove_file(old)
-        {
-            eprintln!(
-                "snapctl: warning: could not remove the old active layer {}: {e}",
-                old.display()
-            );
+        if let Some(old) = &d.drop_old {
+            steps.push(Step::RemoveFile { path: old.clone() });
         }
     }
-    let mode = match (&target, restore) {
-        (DomainState::Shutoff, _) => None,
-        (t, Some(memory)) => Some(StartMode::Restore {
-            memory,
-            running: *t == DomainState::Running,
-        }),
-        (DomainState::Running, None) => Some(StartMode::Running),
-        (_, None) => Some(StartMode::Paused),
-    };
-    if let Some(mode) = mode {
-        let runtime = driver.start(&rec, mode).await.map_err(|e| {
-            e.context(format!(
-                "the disks are reverted to {name} but domain {domain} did not start"
-            ))
-        })?;
-        rec.runtime = Some(runtime);
-        lock.save(&rec)?;
+    if target != DomainState::Shutoff {
+        steps.push(Step::Start {
+            memory: restore.clone(),
+            running: target == DomainState::Running,
+        });
     }
+    let mut plan = Plan::of(&steps);
+    if target == DomainState::Shutoff {
+        plan.steps.push("leave the domain shut off".into());
+    }
+    plan.pause_window = "none (the domain restarts)".into();
+    if ctx.dry_run {
+        plan.print(&format!("snapshot revert {domain} {name}"));
+        return Ok(0);
+    }
+    let journal = Journal {
+        operation: "revert".into(),
+        snapshot: name.to_string(),
+        started: exec::now(),
+        was_running: state == LiveState::Running,
+        steps,
+        done: 0,
+    };
+    let mut exec = Exec::new(&lock, rec, driver, None, journal);
+    exec.run(0).await.map_err(|(index, e)| {
+        e.context(format!(
+            "step {} of the revert; run any snapctl command on domain {domain} to finish it",
+            index + 1
+        ))
+    })?;
     println!(
         "domain {domain} reverted to snapshot {name}; it is {}",
         match target {
@@ -923,11 +709,7 @@ pub struct DeleteOptions {
 enum DiskDelete {
     /// Delete an internal snapshot (online through QMP on `node` when the image is the active
     /// layer of the running QEMU).
-    Internal {
-        image: PathBuf,
-        name: String,
-        online: bool,
-    },
+    Internal { image: PathBuf, name: String },
     /// Merge a frozen layer into each child, then remove it.
     Layer {
         layer: PathBuf,
@@ -945,8 +727,7 @@ struct DeleteDisk {
 
 /// `snapshot delete`.
 pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) -> Result<u8> {
-    let lock = ctx.store.lock(domain)?;
-    let mut rec = load_defined(&lock, domain)?;
+    let (lock, rec) = exec::open_domain(ctx, domain).await?;
     rec.get(name)?;
     let targets: Vec<String> = if opts.children || opts.children_only {
         let mut t = rec.descendants(name);
@@ -967,26 +748,34 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
     usable(domain, &state)?;
     let live_domain = matches!(state, LiveState::Running | LiveState::Paused);
 
-    let mut plan = Plan::default();
     if opts.metadata_only {
+        let mut steps = Vec::new();
         for t in &targets {
-            plan.step(format!(
-                "forget snapshot {t} (its disk snapshots and layers stay on disk)"
-            ));
+            steps.push(Step::ForgetSnapshot { name: t.clone() });
+            if let Some(memory) = rec.get(t)?.memory.clone() {
+                steps.push(Step::RemoveMemory { path: memory });
+            }
         }
+        let mut plan = Plan::of(&steps);
+        plan.steps
+            .push("(the snapshots' disk snapshots and layers stay on disk)".into());
         plan.pause_window = "none".into();
         if ctx.dry_run {
             plan.print(&format!("snapshot delete {domain} {name} --metadata-only"));
             return Ok(0);
         }
-        for t in &targets {
-            let memory = rec.get(t)?.memory.clone();
-            rec.remove_snapshot(t)?;
-            lock.save(&rec)?;
-            if let Some(memory) = memory {
-                remove_memory(&memory);
-            }
-        }
+        let journal = Journal {
+            operation: "delete".into(),
+            snapshot: name.to_string(),
+            started: exec::now(),
+            was_running: state == LiveState::Running,
+            steps,
+            done: 0,
+        };
+        Exec::new(&lock, rec, driver, None, journal)
+            .run(0)
+            .await
+            .map_err(|(_, e)| e)?;
         println!(
             "forgot {} snapshot(s) of domain {domain}: {} (disks untouched)",
             targets.len(),
@@ -1050,7 +839,6 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                     DiskDelete::Internal {
                         image: d.path.clone(),
                         name: inner,
-                        online,
                     }
                 }
                 DiskKind::External => {
@@ -1077,7 +865,7 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                                 .unwrap_or("?")
                         )));
                     }
-                    let files = tracked_files(&sim, &d.vdev);
+                    let files = exec::tracked_files(&sim, &d.vdev);
                     let children = layers::children_of(backend, &d.path, &files).await?;
                     let untracked = layers::untracked_users(backend, &d.path, &files).await;
                     if !untracked.is_empty() {
@@ -1145,161 +933,82 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
         per_target.push((t.clone(), disks));
     }
 
+    let mut steps = Vec::new();
+    let mut bytes_total = 0u64;
     for (t, disks) in &per_target {
         for d in disks {
+            let backend = d.backend.as_str().to_string();
             match &d.action {
-                DiskDelete::Internal {
-                    image,
-                    name: inner,
-                    online,
-                } => plan.step(format!(
-                    "{t}/{}: delete internal snapshot {inner} in {}{}",
-                    d.vdev,
-                    image.display(),
-                    if *online { " (through QMP)" } else { "" }
-                )),
+                DiskDelete::Internal { image, name: inner } => {
+                    steps.push(Step::DeleteInternal {
+                        vdev: d.vdev.clone(),
+                        backend,
+                        image: image.clone(),
+                        name: inner.clone(),
+                    });
+                }
                 DiskDelete::Layer {
                     layer,
                     children,
                     bytes,
                 } => {
-                    plan.bytes_to_copy = plan.bytes_to_copy.saturating_add(*bytes);
-                    plan.space_needed = plan.space_needed.saturating_add(*bytes);
-                    if children.is_empty() {
-                        plan.step(format!(
-                            "{t}/{}: remove layer {} (nothing reads through it)",
-                            d.vdev,
-                            layer.display()
-                        ));
+                    bytes_total = bytes_total.saturating_add(*bytes);
+                    for (child, _) in children {
+                        steps.push(Step::MergeLayer {
+                            vdev: d.vdev.clone(),
+                            backend: backend.clone(),
+                            layer: layer.clone(),
+                            child: child.clone(),
+                        });
                     }
-                    for (child, online) in children {
-                        plan.step(format!(
-                            "{t}/{}: merge layer {} into {}{}",
-                            d.vdev,
-                            layer.display(),
-                            child.display(),
-                            if *online {
-                                " (block-stream job in the running QEMU)"
-                            } else {
-                                ""
-                            }
-                        ));
-                    }
-                    if !children.is_empty() {
-                        plan.step(format!("{t}/{}: remove {}", d.vdev, layer.display()));
-                    }
+                    steps.push(Step::RemoveLayer {
+                        vdev: d.vdev.clone(),
+                        backend,
+                        layer: layer.clone(),
+                    });
                 }
             }
         }
-        if rec.get(t)?.memory.is_some() {
-            plan.step(format!("{t}: remove its memory image"));
+        if let Some(memory) = rec.get(t)?.memory.clone() {
+            steps.push(Step::RemoveMemory { path: memory });
         }
-        plan.step(format!("forget snapshot {t}"));
+        steps.push(Step::ForgetSnapshot { name: t.clone() });
     }
+    let mut plan = Plan::of(&steps);
+    plan.bytes_to_copy = bytes_total;
+    plan.space_needed = bytes_total;
     plan.pause_window = "none".into();
     if ctx.dry_run {
         plan.print(&format!("snapshot delete {domain} {name}"));
         return Ok(0);
     }
-
-    let mut ctl: Option<Box<dyn Control>> = None;
-    for (t, disks) in &per_target {
-        for d in disks {
-            let needs_qmp = match &d.action {
-                DiskDelete::Internal { online, .. } => *online,
-                DiskDelete::Layer { children, .. } => children.iter().any(|(_, o)| *o),
-            };
-            let qmp = if needs_qmp {
-                if ctl.is_none() {
-                    let mut c = driver.attach(&rec).await?;
-                    if state == LiveState::Paused {
-                        c.activate_disks().await?;
-                    }
-                    ctl = Some(c);
-                }
-                ctl.as_ref().and_then(|c| c.disk_qmp())
-            } else {
-                None
-            };
-            run_disk_delete(d, qmp)
-                .await
-                .map_err(|e| e.context(format!("snapshot {t}, disk {}", d.vdev)))?;
-        }
-        let memory = rec.get(t)?.memory.clone();
-        rec.remove_snapshot(t)?;
-        lock.save(&rec)?;
-        if let Some(memory) = memory {
-            remove_memory(&memory);
-        }
+    let journal = Journal {
+        operation: "delete".into(),
+        snapshot: name.to_string(),
+        started: exec::now(),
+        was_running: state == LiveState::Running,
+        steps,
+        done: 0,
+    };
+    let mut exec = Exec::new(&lock, rec, driver, None, journal);
+    exec.run(0).await.map_err(|(index, e)| {
+        e.context(format!(
+            "step {} of the delete; run any snapctl command on domain {domain} to finish it",
+            index + 1
+        ))
+    })?;
+    for t in &targets {
         println!("deleted snapshot {t} of domain {domain}");
     }
     Ok(0)
-}
-
-fn remove_memory(memory: &Path) {
-    let _ = std::fs::remove_file(memory);
-    let _ = std::fs::remove_file(crate::qemu::memory_info_path(memory));
-}
-
-async fn run_disk_delete(d: &DeleteDisk, qmp: Option<Arc<QmpClient>>) -> Result<()> {
-    match &d.action {
-        DiskDelete::Internal {
-            image,
-            name,
-            online: true,
-        } => {
-            let qmp = qmp.ok_or_else(|| Error::unsupported("no QMP connection"))?;
-            let disk = OnlineDisk::from_shared(Arc::clone(&qmp), &d.vdev);
-            let top = disk.active_node().await?;
-            let on_image = OnlineDisk::from_shared(qmp, &top.name);
-            if !layers::same_file(&top.file, image) {
-                return Err(Error::invalid(format!(
-                    "QEMU's active layer of {} is {}, not {}",
-                    d.vdev,
-                    top.file.display(),
-                    image.display()
-                )));
-            }
-            on_image.delete_internal(name).await.map(|_| ())
-        }
-        DiskDelete::Internal { image, name, .. } => {
-            layers::delete_internal(d.backend, image, name).await
-        }
-        DiskDelete::Layer {
-            layer, children, ..
-        } => {
-            for (child, online) in children {
-                if *online {
-                    let qmp = qmp
-                        .clone()
-                        .ok_or_else(|| Error::unsupported("no QMP connection"))?;
-                    let disk = OnlineDisk::from_shared(qmp, &d.vdev);
-                    disk.delete_layer(
-                        layer,
-                        &StreamOptions::default(),
-                        |_, _| {},
-                        std::future::pending(),
-                    )
-                    .await?;
-                } else {
-                    layers::merge_into_child(d.backend, child, layer).await?;
-                }
-            }
-            if layer.exists() {
-                std::fs::remove_file(layer)
-                    .map_err(|e| Error::io("remove the merged layer", e).with_path(layer))?;
-            }
-            Ok(())
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // list / info
 
 /// `snapshot list`.
-pub fn list(ctx: &Ctx, domain: &str, tree: bool, json: bool) -> Result<u8> {
-    let rec = read_defined(ctx, domain)?;
+pub async fn list(ctx: &Ctx, domain: &str, tree: bool, json: bool) -> Result<u8> {
+    let rec = read_defined(ctx, domain).await?;
     if json {
         println!("{}", store::list_json(&rec));
     } else if tree {
@@ -1311,8 +1020,8 @@ pub fn list(ctx: &Ctx, domain: &str, tree: bool, json: bool) -> Result<u8> {
 }
 
 /// `snapshot info`.
-pub fn info(ctx: &Ctx, domain: &str, name: &str, json: bool) -> Result<u8> {
-    let rec = read_defined(ctx, domain)?;
+pub async fn info(ctx: &Ctx, domain: &str, name: &str, json: bool) -> Result<u8> {
+    let rec = read_defined(ctx, domain).await?;
     let snap = rec.get(name)?;
     if json {
         println!("{}", store::snapshot_json(&rec, snap));
@@ -1322,8 +1031,12 @@ pub fn info(ctx: &Ctx, domain: &str, name: &str, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-fn read_defined(ctx: &Ctx, domain: &str) -> Result<DomainRecord> {
+async fn read_defined(ctx: &Ctx, domain: &str) -> Result<DomainRecord> {
     store::validate_name("domain", domain)?;
+    if exec::has_journal(ctx, domain) {
+        // A killed snapctl left an operation half-done: settle it first.
+        return exec::open_domain(ctx, domain).await.map(|(_, rec)| rec);
+    }
     ctx.store.read(domain)?.ok_or_else(|| {
         Error::not_found(format!(
             "domain {domain} is not defined here (state dir {}); start it with `snapctl domain start CFG`",

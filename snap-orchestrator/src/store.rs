@@ -564,6 +564,52 @@ impl DomainLock {
         written
     }
 
+    /// Saves `value` as JSON in `FILE` of the domain folder, atomically (the way [`save`] writes
+    /// the record: `FILE.tmp`, 0600, synced, renamed, directory synced). For the operation
+    /// journal and other per-domain state that must survive a crash.
+    ///
+    /// [`save`]: DomainLock::save
+    pub fn save_file<T: Serialize>(&self, file: &str, value: &T) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(value)
+            .map_err(|e| Error::invalid(format!("cannot serialize {file}: {e}")))?;
+        bytes.push(b'\n');
+        let tmp = self.dir.join(format!("{file}.tmp"));
+        let path = self.dir.join(file);
+        remove_if_present(&tmp)?;
+        let written = write_synced(&tmp, &bytes)
+            .and_then(|()| {
+                fs::rename(&tmp, &path).map_err(|e| Error::io("replace", e).with_path(&path))
+            })
+            .and_then(|()| sync_dir(&self.dir));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    /// Reads `FILE` of the domain folder saved by [`save_file`](DomainLock::save_file); `None`
+    /// when there is none. Over 16 MiB or unparsable: [`ErrorKind::Corrupt`].
+    pub fn load_file<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<Option<T>> {
+        let path = self.dir.join(file);
+        let bytes = match fs::metadata(&path) {
+            Ok(meta) if meta.len() > MAX_RECORD_BYTES => {
+                return Err(Error::corrupt("file is too large").with_path(&path));
+            }
+            Ok(_) => fs::read(&path).map_err(|e| Error::io("read", e).with_path(&path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", e).with_path(&path)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::corrupt(format!("unreadable: {e}")).with_path(&path))
+    }
+
+    /// Removes `FILE` of the domain folder (durably); a missing file is fine.
+    pub fn remove_file(&self, file: &str) -> Result<()> {
+        remove_if_present(&self.dir.join(file))?;
+        sync_dir(&self.dir)
+    }
+
     /// Undefines the domain: removes `domain.json` (and a stale temporary file) and the `memory`
     /// folder if it is empty. The caller deletes the snapshots' memory images and disks first;
     /// files still in `memory/` stay. The directory and its lock file stay too (removing a lock
