@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use snap_core::Result;
 
+use crate::clone;
 use crate::disk;
 use crate::domain::{self, Ctx};
 use crate::snapshot;
@@ -288,6 +289,30 @@ pub enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Clone a snapshot into new domains (gold image): thin overlays on its frozen layers, the
+    /// snapshot's config with a new name, UUID and MACs; with memory, resumed from it.
+    ///
+    /// Example: snapctl snapshot clone web gold web-clone --count 3
+    Clone {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name (an external snapshot: its layers are shared by the clones).
+        name: String,
+        /// Name of the new domain (with --count: NEW-1 .. NEW-N).
+        new: String,
+        /// Make N clones.
+        #[arg(long, value_name = "N")]
+        count: Option<u32>,
+        /// Leave the clones running.
+        #[arg(long, conflicts_with_all = ["paused", "shutoff"])]
+        running: bool,
+        /// Leave the clones paused.
+        #[arg(long, conflicts_with = "shutoff")]
+        paused: bool,
+        /// Define the clones without starting them.
+        #[arg(long)]
+        shutoff: bool,
+    },
 }
 
 /// Runs a parsed command line; returns the exit code for success paths (errors become exit 1).
@@ -354,6 +379,26 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 }
                 SnapshotCommand::List { domain, tree, json } => {
                     snapshot::list(&ctx, &domain, tree, json).await
+                }
+                SnapshotCommand::Clone {
+                    domain,
+                    name,
+                    new,
+                    count,
+                    running,
+                    paused,
+                    shutoff,
+                } => {
+                    let state = if running {
+                        clone::CloneState::Running
+                    } else if paused {
+                        clone::CloneState::Paused
+                    } else if shutoff {
+                        clone::CloneState::Shutoff
+                    } else {
+                        clone::CloneState::Snapshot
+                    };
+                    clone::clone(&ctx, &domain, &name, &new, count, state).await
                 }
                 SnapshotCommand::Info { domain, name, json } => {
                     snapshot::info(&ctx, &domain, &name, json).await

@@ -11,6 +11,7 @@
 )]
 
 pub mod cli;
+pub mod clone;
 pub mod disk;
 pub mod domain;
 pub mod exec;

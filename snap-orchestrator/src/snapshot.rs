@@ -710,6 +710,8 @@ enum DiskDelete {
     /// Delete an internal snapshot (online through QMP on `node` when the image is the active
     /// layer of the running QEMU).
     Internal { image: PathBuf, name: String },
+    /// Keep the layer: clones of this snapshot read through it.
+    Keep { layer: PathBuf, users: Vec<String> },
     /// Merge a frozen layer into each child, then remove it.
     Layer {
         layer: PathBuf,
@@ -785,6 +787,8 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
     }
 
     // Plan every target on the record as it will be when its turn comes (descendants first).
+    let registry = crate::clone::CloneRegistry::load(&lock)?;
+    let clone_users = |layer: &Path| registry.users(layer, &ctx.store);
     let mut sim = rec.clone();
     let mut per_target: Vec<(String, Vec<DeleteDisk>)> = Vec::new();
     for t in &targets {
@@ -841,6 +845,10 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                         name: inner,
                     }
                 }
+                DiskKind::External if !clone_users(&d.path).is_empty() => DiskDelete::Keep {
+                    layer: d.path.clone(),
+                    users: clone_users(&d.path),
+                },
                 DiskKind::External => {
                     if !d.path.exists() {
                         return Err(Error::not_found(format!(
@@ -934,11 +942,20 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
     }
 
     let mut steps = Vec::new();
+    let mut kept: Vec<String> = Vec::new();
     let mut bytes_total = 0u64;
     for (t, disks) in &per_target {
         for d in disks {
             let backend = d.backend.as_str().to_string();
             match &d.action {
+                DiskDelete::Keep { layer, users } => {
+                    kept.push(format!(
+                        "{t}/{}: kept layer {} — clones {} read through it",
+                        d.vdev,
+                        layer.display(),
+                        users.join(", ")
+                    ));
+                }
                 DiskDelete::Internal { image, name: inner } => {
                     steps.push(Step::DeleteInternal {
                         vdev: d.vdev.clone(),
@@ -975,6 +992,7 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
         steps.push(Step::ForgetSnapshot { name: t.clone() });
     }
     let mut plan = Plan::of(&steps);
+    plan.steps.extend(kept.iter().cloned());
     plan.bytes_to_copy = bytes_total;
     plan.space_needed = bytes_total;
     plan.pause_window = "none".into();
@@ -999,6 +1017,9 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
     })?;
     for t in &targets {
         println!("deleted snapshot {t} of domain {domain}");
+    }
+    for line in &kept {
+        println!("  {line}");
     }
     Ok(0)
 }

@@ -86,6 +86,14 @@ impl DomainLab {
         r
     }
 
+    /// Remembers a domain started by snapctl itself (e.g. a clone) to destroy it on drop.
+    pub fn adopt(&self, name: &str) {
+        self.started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+    }
+
     /// `snapshot list DOMAIN --json`.
     #[track_caller]
     pub fn snapshots(&self, domain: &str) -> Value {
