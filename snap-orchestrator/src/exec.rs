@@ -451,6 +451,13 @@ impl<'a> Exec<'a> {
             .ok_or_else(|| Error::invalid("domain not attached"))
     }
 
+    /// The QMP node of disk `vdev` (Xen's qdisk backend does not name nodes after the vdev).
+    fn node(&self, vdev: &str) -> String {
+        self.ctl
+            .as_ref()
+            .map_or_else(|| vdev.to_string(), |c| c.disk_node(vdev))
+    }
+
     async fn qmp(&mut self) -> Result<Arc<QmpClient>> {
         self.control()
             .await?
@@ -500,7 +507,8 @@ impl<'a> Exec<'a> {
             Step::ActivateDisks => self.control().await?.activate_disks().await?,
             Step::QmpSnapshots { name, disks } => {
                 let qmp = self.qmp().await?;
-                qmp_snapshots(&qmp, disks, name).await?;
+                let nodes: Vec<String> = disks.iter().map(|d| self.node(&d.vdev)).collect();
+                qmp_snapshots(&qmp, disks, &nodes, name).await?;
             }
             Step::OfflineSnapshot { name, disk } => {
                 let backend = disk.backend()?;
@@ -604,7 +612,7 @@ impl<'a> Exec<'a> {
                 }
                 if self.in_running_chain(vdev, image).await {
                     let qmp = self.qmp().await?;
-                    let disk = OnlineDisk::from_shared(Arc::clone(&qmp), vdev);
+                    let disk = OnlineDisk::from_shared(Arc::clone(&qmp), &self.node(vdev));
                     let top = disk.active_node().await?;
                     if !layers::same_file(&top.file, image) {
                         return Err(Error::unsupported(format!(
@@ -635,7 +643,7 @@ impl<'a> Exec<'a> {
                 }
                 if self.in_running_chain(vdev, child).await {
                     let qmp = self.qmp().await?;
-                    OnlineDisk::from_shared(qmp, vdev)
+                    OnlineDisk::from_shared(qmp, &self.node(vdev))
                         .delete_layer(
                             layer,
                             &StreamOptions::default(),
@@ -765,7 +773,10 @@ impl<'a> Exec<'a> {
         let Some(qmp) = ctl.disk_qmp() else {
             return false;
         };
-        match OnlineDisk::from_shared(qmp, vdev).active_node().await {
+        match OnlineDisk::from_shared(qmp, &ctl.disk_node(vdev))
+            .active_node()
+            .await
+        {
             Ok(top) => layers::same_file(&top.file, file),
             Err(_) => false,
         }
@@ -852,11 +863,17 @@ async fn undo_disk(d: &DiskAction, name: &str) -> Result<()> {
     }
 }
 
-/// The QMP transaction of a create (all disks internal, or all external).
-async fn qmp_snapshots(qmp: &QmpClient, disks: &[DiskAction], name: &str) -> Result<()> {
+/// The QMP transaction of a create (all disks internal, or all external); `nodes[i]` is the QMP
+/// node of `disks[i]`.
+async fn qmp_snapshots(
+    qmp: &QmpClient,
+    disks: &[DiskAction],
+    nodes: &[String],
+    name: &str,
+) -> Result<()> {
     let external = disks.iter().filter(|d| d.overlay.is_some()).count();
     if external == 0 {
-        let requests: Vec<(&str, &str)> = disks.iter().map(|d| (d.vdev.as_str(), name)).collect();
+        let requests: Vec<(&str, &str)> = nodes.iter().map(|n| (n.as_str(), name)).collect();
         qonline::create_many_internal(qmp, &requests).await?;
         return Ok(());
     }
@@ -869,17 +886,17 @@ async fn qmp_snapshots(qmp: &QmpClient, disks: &[DiskAction], name: &str) -> Res
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() % 1_000_000_000)
         .unwrap_or(0);
-    let nodes: Vec<String> = disks
+    let new_nodes: Vec<String> = disks
         .iter()
         .map(|d| format!("{}-{stamp}", d.vdev))
         .collect();
     let mut requests: Vec<(&str, &Path, &str)> = Vec::new();
-    for (d, node) in disks.iter().zip(&nodes) {
+    for ((d, node), new_node) in disks.iter().zip(nodes).zip(&new_nodes) {
         let overlay = d
             .overlay
             .as_deref()
             .ok_or_else(|| Error::invalid("external disk without overlay"))?;
-        requests.push((d.vdev.as_str(), overlay, node.as_str()));
+        requests.push((node.as_str(), overlay, new_node.as_str()));
     }
     qonline::create_many_external(qmp, &requests).await?;
     Ok(())

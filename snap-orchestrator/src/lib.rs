@@ -22,4 +22,6 @@ pub mod qemu;
 pub mod qga;
 pub mod snapshot;
 pub mod store;
+#[cfg(feature = "xen")]
+pub mod xen;
 pub mod xlcfg;

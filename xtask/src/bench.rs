@@ -11,9 +11,10 @@
 //!
 //! The second part (`merge`, see [`merge`]) times deleting a layer of an external-snapshot chain
 //! against `qemu-img rebase` and `qemu-img commit`. The third (`pause`, see [`pause`]) measures the
-//! pause window of a live domain snapshot of the test guest. `--only snapshot|merge|pause` runs one
+//! pause window of a live domain snapshot of the test guest. `--only snapshot|merge|pause|clone` runs one
 //! part.
 
+mod clone;
 mod merge;
 mod pause;
 
@@ -53,6 +54,8 @@ enum Part {
     Merge,
     /// The pause window of a live domain snapshot of the test guest.
     Pause,
+    /// Gold-image clone time against the data size.
+    Clone,
 }
 
 /// Bounds of `--merge-data`: the chain must fit in its 64G image (mid's data ends at 1.5x).
@@ -78,6 +81,9 @@ pub fn run_bench(args: &[String]) -> Result {
     }
     if wants(Part::Pause) {
         outcomes.push(pause::run_pause(&workspace.target, &snapctl, options.runs));
+    }
+    if wants(Part::Clone) {
+        outcomes.push(clone::run_clone(&workspace.target, &snapctl));
     }
     if wants(Part::Merge) {
         outcomes.push(merge::run_merge(
@@ -190,9 +196,10 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     "snapshot" => Part::Snapshot,
                     "merge" => Part::Merge,
                     "pause" => Part::Pause,
+                    "clone" => Part::Clone,
                     _ => {
                         return Err(Failure::Usage(format!(
-                            "--only {part}: expected `snapshot`, `merge` or `pause`"
+                            "--only {part}: expected `snapshot`, `merge`, `pause` or `clone`"
                         )));
                     }
                 });

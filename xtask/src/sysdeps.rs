@@ -280,6 +280,46 @@ fn ensure_vhd_peers() {
     }
 }
 
+/// The Debian packages snap-orchestrator's `xen` feature builds against: libxenlight's and
+/// libxentoollog's headers, libraries and pkg-config files, and pkg-config itself.
+const XEN_DEV_PACKAGES: [&str; 2] = ["libxen-dev", "pkg-config"];
+
+/// Whether libxenlight can be built against (`pkg-config --exists xenlight`).
+fn has_xenlight() -> bool {
+    Command::new("pkg-config")
+        .args(["--exists", "xenlight", "xentoollog"])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Makes sure libxen-dev is installed for the `xen` feature of snap-orchestrator: installs it
+/// when root. Ok(false) when it is missing and we are not root (the Xen build and tests are
+/// then skipped with a note); an error when installing it failed.
+pub fn ensure_xen_dev() -> Result<bool> {
+    if has_xenlight() {
+        println!("xtask: libxenlight found (the `xen` feature is built and tested)");
+        return Ok(true);
+    }
+    if !is_root() {
+        println!(
+            "xtask: libxenlight is not installed, so the `xen` feature is not built or tested. \
+             As root: `apt-get install {}`",
+            XEN_DEV_PACKAGES.join(" ")
+        );
+        return Ok(false);
+    }
+    println!("xtask: installing {}", XEN_DEV_PACKAGES.join(" "));
+    apt_install(&XEN_DEV_PACKAGES, None).map_err(Failure::Failed)?;
+    if has_xenlight() {
+        Ok(true)
+    } else {
+        Err(Failure::Failed(format!(
+            "after installing {}: pkg-config still finds no xenlight",
+            XEN_DEV_PACKAGES.join(" ")
+        )))
+    }
+}
+
 /// Whether GNU time is available for RSS measurements; installs package `time` when root.
 pub fn ensure_gnu_time() -> bool {
     if Path::new(GNU_TIME).exists() {

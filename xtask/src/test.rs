@@ -1,18 +1,20 @@
 //! `cargo xtask test`: everything CI checks, in the order a developer wants to hear about it.
 //!
-//! 1. system tools (qemu-utils >= 10; installed when root)
-//! 2. `cargo build --workspace --all-targets`
+//! 1. system tools (qemu-utils >= 10, libxen-dev; installed when root)
+//! 2. `cargo build --workspace --all-targets --features snap-orchestrator/xen` (the feature only
+//!    where libxenlight is installed, as in steps 4 to 6)
 //! 3. the QEMU test guest (`cargo xtask guest`; skipped when up to date)
 //! 4. every test: `cargo nextest run --workspace` (or `cargo test --workspace` without nextest),
 //!    with SNAPCTL_BIN pointing at the debug `snapctl` just built
 //! 5. doctests (nextest does not run them)
-//! 6. `cargo clippy --workspace --all-targets -- -D warnings`
-//! 7. `cargo fmt --all --check`
+//! 6. `cargo clippy --workspace --all-targets --features snap-orchestrator/xen -- -D warnings`
+//! 7. the same clippy without the `xen` feature (only snap-orchestrator is checked again)
+//! 8. `cargo fmt --all --check`
 //!
 //! Steps after the build run even when an earlier one fails, so one run reports every problem.
 
 use crate::proc::{Workspace, run, stdout_of};
-use crate::sysdeps::{ensure_qemu_tools, is_root};
+use crate::sysdeps::{ensure_qemu_tools, ensure_xen_dev, is_root};
 use crate::{Failure, Result};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,12 @@ struct Step {
 pub fn run_tests(args: &[String]) -> Result {
     let extra = nextest_args(args)?;
     ensure_qemu_tools()?;
+    // snap-orchestrator's Xen driver (libxl bindings) is built and tested where it can link.
+    let xen: &[&str] = if ensure_xen_dev()? {
+        &["--features", "snap-orchestrator/xen"]
+    } else {
+        &[]
+    };
     let workspace = Workspace::locate();
     let snapctl = workspace.binary("debug", "snapctl");
     let mut steps = Vec::new();
@@ -38,7 +46,8 @@ pub fn run_tests(args: &[String]) -> Result {
     let build = step(&mut steps, "build", || {
         run(workspace
             .cargo()
-            .args(["build", "--workspace", "--all-targets"]))
+            .args(["build", "--workspace", "--all-targets"])
+            .args(xen))
     });
     // The QEMU test guest of the domain tests (kernel + initramfs from Debian packages).
     let guest = step(&mut steps, "guest", || {
@@ -62,7 +71,7 @@ pub fn run_tests(args: &[String]) -> Result {
                 "--tests",
             ]);
         }
-        tests.args(&extra).env("SNAPCTL_BIN", &snapctl);
+        tests.args(xen).args(&extra).env("SNAPCTL_BIN", &snapctl);
         if guest {
             // The guest is there: a domain test that cannot find it must fail, not skip.
             tests.env("SNAPCTL_REQUIRE_GUEST", "1");
@@ -75,11 +84,11 @@ pub fn run_tests(args: &[String]) -> Result {
         }
         step(&mut steps, "tests", || run(&mut tests));
         step(&mut steps, "doctests", || {
-            run(workspace.cargo().env("SNAPCTL_BIN", &snapctl).args([
-                "test",
-                "--workspace",
-                "--doc",
-            ]))
+            run(workspace
+                .cargo()
+                .env("SNAPCTL_BIN", &snapctl)
+                .args(["test", "--workspace", "--doc"])
+                .args(xen))
         });
     } else {
         for name in ["tests", "doctests"] {
@@ -90,16 +99,17 @@ pub fn run_tests(args: &[String]) -> Result {
             });
         }
     }
+    let clippy = ["clippy", "--workspace", "--all-targets"];
+    let deny = ["--", "-D", "warnings"];
     step(&mut steps, "clippy", || {
-        run(workspace.cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))
+        run(workspace.cargo().args(clippy).args(xen).args(deny))
     });
+    if !xen.is_empty() {
+        // The build without the feature must stay clean too.
+        step(&mut steps, "clippy-noxen", || {
+            run(workspace.cargo().args(clippy).args(deny))
+        });
+    }
     step(&mut steps, "fmt", || {
         run(workspace.cargo().args(["fmt", "--all", "--check"]))
     });
@@ -116,7 +126,7 @@ pub fn run_tests(args: &[String]) -> Result {
             Outcome::Failed(why) => format!("FAILED: {why}"),
             Outcome::Skipped(why) => format!("skipped ({why})"),
         };
-        println!("  {name:<9} {:>6.1}s  {verdict}", took.as_secs_f64());
+        println!("  {name:<12} {:>6.1}s  {verdict}", took.as_secs_f64());
     }
     let failed: Vec<&str> = steps
         .iter()
