@@ -21,6 +21,10 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
             online,
         } => {
+            if is_rbd(&image, format) {
+                refuse_rbd_online(&online)?;
+                return list_rbd(&image, json).await;
+            }
             if let Some(disk) = connect_online(&online, &image).await? {
                 return online_list(&disk, json).await;
             }
@@ -47,6 +51,14 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             online,
         } => {
             snap_core::model::validate_snapshot_name(&name)?;
+            if is_rbd(&image, format) {
+                refuse_rbd_online(&online)?;
+                if size.is_some() {
+                    return Err(Error::invalid("--size applies to LVM snapshots only"));
+                }
+                let overlay = if external { Some(overlay) } else { None };
+                return create_rbd(&image, &name, overlay, json, dry_run).await;
+            }
             if let Some(disk) = connect_online(&online, &image).await? {
                 if size.is_some() {
                     return Err(Error::invalid("--size applies to LVM snapshots only"));
@@ -126,6 +138,9 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             if online.qmp.is_some() {
                 return Err(snap_backend_qcow2::online::revert_refusal());
             }
+            if is_rbd(&image, format) {
+                return revert_rbd(&image, &target(name, layer)?, dry_run).await;
+            }
             let backend = backend_for(&image, format)?;
             let target = target(name, layer)?;
             if dry_run {
@@ -156,6 +171,10 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             format,
             online,
         } => {
+            if is_rbd(&image, format) {
+                refuse_rbd_online(&online)?;
+                return delete_rbd(&image, &target(name, layer)?, dry_run).await;
+            }
             if let Some(disk) = connect_online(&online, &image).await? {
                 let strategy = if commit {
                     LayerStrategy::Commit
@@ -180,12 +199,34 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             println!("deleted {} from {}", describe(&target), image.display());
             Ok(0)
         }
+        DiskCommand::Export {
+            args,
+            layer,
+            format,
+            json,
+        } => {
+            let (image, view, out) = crate::export::parse_export_args(args, layer)?;
+            let format = match format {
+                crate::cli::ExportFormatArg::Qcow2 => crate::export::OutputFormat::Qcow2,
+                crate::cli::ExportFormatArg::Raw => crate::export::OutputFormat::Raw,
+                crate::cli::ExportFormatArg::Vhd => crate::export::OutputFormat::Vhd,
+            };
+            crate::export::disk_export(image, view, out, format, json, dry_run).await
+        }
         DiskCommand::Check {
             image,
             json,
             format,
         } => {
             let fmt = detect(&image, format)?;
+            if fmt == DiskFormat::Rbd {
+                snap_backend_rbd::RbdSpec::from_path(&image)?;
+                return Err(Error::unsupported(
+                    "RBD images have no client-side metadata to check: Ceph checks its objects \
+                     itself (scrubbing; `ceph pg deep-scrub`)",
+                )
+                .with_path(&image));
+            }
             if fmt == DiskFormat::Vhd {
                 return check_vhd(&image, json).await;
             }
@@ -995,6 +1036,7 @@ fn backend_for(image: &Path, format: Option<FormatArg>) -> Result<Box<dyn DiskBa
         DiskFormat::Qcow2 => Ok(Box::new(Qcow2Backend::new(image))),
         DiskFormat::Vhd => Ok(Box::new(snap_backend_vhd::VhdBackend::new(image))),
         DiskFormat::Lvm => Ok(Box::new(snap_backend_lvm::LvmBackend::new(image)?)),
+        DiskFormat::Rbd => Ok(Box::new(snap_backend_rbd::RbdBackend::new(image)?)),
         other => Err(unsupported_format(image, other)),
     }
 }
@@ -1119,6 +1161,252 @@ fn print_check(image: &Path, report: &CheckReport, json: bool) {
         "{}/{} clusters allocated; image end offset {}",
         report.allocated_clusters, report.total_clusters, report.image_end_offset
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBD
+
+/// Whether `image` is an RBD disk (`--format rbd`, or a name starting `rbd:`); names are
+/// checked when the backend is made.
+fn is_rbd(image: &Path, format: Option<FormatArg>) -> bool {
+    match format {
+        Some(f) => f == FormatArg::Rbd,
+        None => image
+            .to_string_lossy()
+            .starts_with(snap_backend_rbd::name::PREFIX),
+    }
+}
+
+/// `--qmp` is for QEMU's qcow2 nodes: Ceph coordinates RBD snapshots with the QEMU that has the
+/// image open, so they need no QMP.
+fn refuse_rbd_online(online: &OnlineArgs) -> Result<()> {
+    if online.qmp.is_some() || online.node.is_some() {
+        return Err(Error::invalid(
+            "--qmp/--node do not apply to RBD disks: Ceph coordinates snapshots with the QEMU that \
+             has the image open; run without them",
+        ));
+    }
+    Ok(())
+}
+
+fn rbd_backend(image: &Path) -> Result<snap_backend_rbd::RbdBackend> {
+    snap_backend_rbd::RbdBackend::new(image)
+}
+
+/// RFC 3339 of a time in seconds, or `-`.
+fn rbd_date(time: Option<i64>) -> String {
+    time.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// `disk list` of an RBD image: snapshots with protection, the clone chain, who has it open.
+async fn list_rbd(image: &Path, json: bool) -> Result<u8> {
+    let backend = rbd_backend(image)?;
+    if json {
+        println!("{}", listing_json(&backend.list().await?));
+        return Ok(0);
+    }
+    let l = backend.list_detailed().await?;
+    println!(
+        "image: {} (rbd, size {} = {} bytes)",
+        l.image,
+        human_size(l.size),
+        l.size
+    );
+    if l.snapshots.is_empty() {
+        println!("no snapshots");
+    } else {
+        let width = l
+            .snapshots
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(4)
+            .clamp(4, 64);
+        println!(
+            "{:>6}  {:<width$}  {:>9}  {:<20}  PROTECTED",
+            "ID", "NAME", "SIZE", "DATE"
+        );
+        for s in &l.snapshots {
+            println!(
+                "{:>6}  {:<width$}  {:>9}  {:<20}  {}",
+                s.id,
+                s.name,
+                human_size(s.size),
+                rbd_date(s.time),
+                if s.protected { "yes" } else { "no" }
+            );
+        }
+    }
+    if l.chain.is_empty() {
+        println!("clone parents: none");
+    } else {
+        println!("clone parents (nearest first):");
+        for c in &l.chain {
+            println!("  {c}");
+        }
+    }
+    match l.watchers.as_deref() {
+        Some([]) | None => println!("open by: nobody"),
+        Some(w) => println!("open by: {}", w.join(", ")),
+    }
+    Ok(0)
+}
+
+/// `disk create` of an RBD image: `rbd snap create`, or with `--external` a protected snapshot
+/// cloned into a new image that becomes the active one.
+async fn create_rbd(
+    image: &Path,
+    name: &str,
+    overlay: Option<Option<PathBuf>>,
+    json: bool,
+    dry_run: bool,
+) -> Result<u8> {
+    let backend = rbd_backend(image)?;
+    let spec = backend.spec().clone();
+    if let Some(overlay) = overlay {
+        let overlay = overlay
+            .as_deref()
+            .map(snap_backend_rbd::RbdSpec::from_path)
+            .transpose()?;
+        if dry_run {
+            let target = backend.plan_clone(name, overlay.as_ref()).await?;
+            println!(
+                "plan: snapshot {spec}@{name}, protect it, clone it into {target}; {target} becomes the \
+                 active image (nothing changed: --dry-run)"
+            );
+            return Ok(0);
+        }
+        let clone = backend.create_clone(name, overlay.as_ref()).await?;
+        if json {
+            println!(
+                "{}",
+                json!({"image": spec.to_string(), "active": clone.to_string(),
+                       "snapshot": {"id": null, "name": name}})
+            );
+        } else {
+            println!("{clone}");
+        }
+        return Ok(0);
+    }
+    if dry_run {
+        let listing = backend.list().await?;
+        if listing.snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("a snapshot named {name:?} already exists"),
+            )
+            .with_path(image));
+        }
+        snap_backend_rbd::validate_snapshot_name(name)?;
+        println!("plan: rbd snapshot {spec}@{name} (nothing changed: --dry-run)");
+        return Ok(0);
+    }
+    let snap = backend.create_snapshot(name).await?;
+    if json {
+        println!(
+            "{}",
+            json!({"image": spec.to_string(), "active": spec.to_string(),
+                   "snapshot": {"id": snap.id.to_string(), "name": name}})
+        );
+    } else {
+        println!("created snapshot {name:?} (id {}) of {spec}", snap.id);
+    }
+    Ok(0)
+}
+
+/// `disk revert` of an RBD image: `rbd snap rollback` (refused while clients have it open), or
+/// with `--layer` the image replaced by an empty clone of that parent.
+async fn revert_rbd(image: &Path, target: &Target, dry_run: bool) -> Result<u8> {
+    let backend = rbd_backend(image)?;
+    let spec = backend.spec().clone();
+    match target {
+        Target::Internal(name) => {
+            if dry_run {
+                let s = backend.plan_revert_snapshot(name).await?;
+                println!(
+                    "plan: roll {spec} back to snapshot {:?} (id {}); its current data is dropped \
+                     (nothing changed: --dry-run)",
+                    s.name, s.id
+                );
+                return Ok(0);
+            }
+            let s = backend.revert_snapshot(name).await?;
+            println!("reverted {spec} to snapshot {:?}", s.name);
+        }
+        Target::Layer(layer) => {
+            if dry_run {
+                let base = backend.plan_revert_to_layer(layer).await?;
+                println!(
+                    "plan: replace {spec} by an empty clone of {base}; its current data is dropped \
+                     (nothing changed: --dry-run)"
+                );
+                return Ok(0);
+            }
+            let base = backend.revert_to_layer(layer).await?;
+            println!("reverted {spec} to layer {}", layer.display());
+            println!("{spec} is now an empty clone of {base}");
+        }
+    }
+    Ok(0)
+}
+
+/// `disk delete` of an RBD image: `rbd snap rm` (refused while clones depend on it), or with
+/// `--layer` the layer's child flattened and the layer removed unless something still uses it.
+async fn delete_rbd(image: &Path, target: &Target, dry_run: bool) -> Result<u8> {
+    let backend = rbd_backend(image)?;
+    let spec = backend.spec().clone();
+    match target {
+        Target::Internal(name) => {
+            if dry_run {
+                let s = backend.plan_delete_snapshot(name).await?;
+                println!(
+                    "plan: remove snapshot {:?} (id {}) of {spec}{} (nothing changed: --dry-run)",
+                    s.name,
+                    s.id,
+                    if s.protected {
+                        ", unprotecting it first"
+                    } else {
+                        ""
+                    }
+                );
+                return Ok(0);
+            }
+            let s = backend.delete_snapshot(name).await?;
+            println!("deleted snapshot {:?} from {spec}", s.name);
+        }
+        Target::Layer(layer) => {
+            if dry_run {
+                let plan = backend.plan_delete_layer(layer).await?;
+                println!(
+                    "plan: flatten {} (it copies the data it reads through {}@{}), then {} \
+                     (nothing changed: --dry-run)",
+                    plan.child,
+                    plan.layer,
+                    plan.snapshot,
+                    match plan.keep_reason() {
+                        Some(why) => format!("keep {}: {why}", plan.layer),
+                        None => format!("remove {}", plan.layer),
+                    }
+                );
+                return Ok(0);
+            }
+            let done = backend.delete_layer(layer).await?;
+            println!(
+                "flattened {}: it no longer reads through {}",
+                done.plan.child, done.plan.layer
+            );
+            match &done.kept_because {
+                None => println!("removed {}", done.plan.layer),
+                Some(why) => println!("kept {}: {why}", done.plan.layer),
+            }
+        }
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod ceph;
 pub mod domain;
 
 // ---------------------------------------------------------------------------------------------
