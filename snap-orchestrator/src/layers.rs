@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use snap_backend_lvm::LvmBackend;
 use snap_backend_qcow2::Qcow2Backend;
+use snap_backend_rbd::{RbdBackend, RbdSpec};
 use snap_backend_vhd::VhdBackend;
 use snap_core::{
     CreateRequest, DiskBackend, DiskFormat, DiskListing, Error, ErrorKind, Result, Target,
@@ -61,7 +62,14 @@ pub fn snapshotted(disk: &DiskSpec) -> bool {
 /// target whose content is not the format the config says.
 pub fn classify(disk: &DiskSpec) -> Result<Backend> {
     let vdev = &disk.vdev;
-    if disk.target.starts_with("rbd:") {
+    if disk.target.starts_with(snap_backend_rbd::name::PREFIX) {
+        RbdSpec::parse(&disk.target).map_err(|e| e.context(format!("disk {vdev}")))?;
+        if disk.format != XlFormat::Raw {
+            return Err(Error::unsupported(format!(
+                "disk {vdev}: an RBD disk is a raw image (format=raw), not {}",
+                disk.format.as_str()
+            )));
+        }
         return Ok(Backend::Rbd);
     }
     let path = Path::new(&disk.target);
@@ -105,9 +113,7 @@ pub fn backend(kind: Backend, path: &Path) -> Result<Box<dyn DiskBackend>> {
         Backend::Qcow2 => Ok(Box::new(Qcow2Backend::new(path))),
         Backend::Vhd => Ok(Box::new(VhdBackend::new(path))),
         Backend::Lvm => Ok(Box::new(LvmBackend::new(path)?)),
-        Backend::Rbd => Err(Error::unsupported(
-            "RBD disks are not supported in domain snapshots yet",
-        )),
+        Backend::Rbd => Ok(Box::new(RbdBackend::new(path)?)),
     }
 }
 
@@ -125,11 +131,42 @@ pub async fn listing(kind: Backend, path: &Path) -> Result<DiskListing> {
 }
 
 /// Whether two paths name the same file (by canonical path; equal text when neither exists).
+/// RBD images are the same when pool, namespace and image match, whether named `rbd:...` or
+/// by QEMU's `json:{...}` filename of an rbd node.
 pub fn same_file(a: &Path, b: &Path) -> bool {
+    if let (Some(x), Some(y)) = (rbd_image(a), rbd_image(b)) {
+        return x == y;
+    }
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
     }
+}
+
+/// (pool, namespace, image) of an RBD disk name, or of QEMU's `json:` filename of an rbd node
+/// (directly or as the `file` child of a format node).
+fn rbd_image(path: &Path) -> Option<(String, Option<String>, String)> {
+    let text = path.to_str()?;
+    if let Ok(spec) = RbdSpec::parse(text) {
+        return Some((
+            spec.pool().to_string(),
+            spec.namespace().map(str::to_string),
+            spec.image().to_string(),
+        ));
+    }
+    let json: serde_json::Value = serde_json::from_str(text.strip_prefix("json:")?).ok()?;
+    let node = if json.get("driver").and_then(|d| d.as_str()) == Some("rbd") {
+        &json
+    } else {
+        json.get("file")
+            .filter(|f| f.get("driver").and_then(|d| d.as_str()) == Some("rbd"))?
+    };
+    let field = |k: &str| node.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    Some((
+        field("pool")?,
+        field("namespace").filter(|n| !n.is_empty()),
+        field("image")?,
+    ))
 }
 
 /// The direct backing file of a layer, if any.
@@ -277,8 +314,18 @@ pub async fn create_internal(kind: Backend, image: &Path, name: &str) -> Result<
         .map(|_| ())
 }
 
-/// Reverts an internal snapshot offline.
+/// How long a revert waits for the clients of an RBD image to go (a QEMU that was just told to
+/// quit closes it at once; the watch of a killed one expires after about 30 s).
+const RBD_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
+
+/// Reverts an internal snapshot offline. An RBD image is rolled back once no client has it open
+/// (the domain's QEMU was just stopped).
 pub async fn revert_internal(kind: Backend, image: &Path, name: &str) -> Result<()> {
+    if kind == Backend::Rbd {
+        let rbd = RbdBackend::new(image)?;
+        rbd.wait_unwatched(RBD_CLOSE_WAIT).await?;
+        return rbd.revert_snapshot(name).await.map(drop);
+    }
     backend(kind, image)?
         .revert(&Target::Internal(name.to_string()))
         .await
@@ -320,6 +367,20 @@ mod tests {
         );
         assert_eq!(stem_root(Path::new("/v/s1.qcow2"), &names), "s1");
         assert_eq!(stem_root(Path::new("/v/a.x.qcow2"), &names), "a.x");
+    }
+
+    #[test]
+    fn rbd_names_match_qemu_filenames() {
+        let a = Path::new("rbd:vms/disk1");
+        let q = Path::new(
+            r#"json:{"driver": "raw", "file": {"pool": "vms", "image": "disk1", "conf": "/c", "driver": "rbd", "namespace": ""}}"#,
+        );
+        assert!(same_file(a, q));
+        assert!(same_file(Path::new("rbd:vms/disk1:conf=/c"), a));
+        assert!(!same_file(Path::new("rbd:vms/disk2"), q));
+        assert!(!same_file(Path::new("rbd:vms/ns/disk1"), q));
+        let protocol = Path::new(r#"json:{"driver": "rbd", "pool": "vms", "image": "disk1"}"#);
+        assert!(same_file(protocol, a));
     }
 
     #[test]

@@ -214,10 +214,8 @@ fn disk_args(disk: &DiskSpec, index: usize) -> Result<Vec<String>> {
             "disk {vdev}: no target (only an empty cdrom may have none)"
         )));
     }
-    if disk.target.starts_with("rbd:") {
-        return Err(Error::unsupported(format!(
-            "disk {vdev}: RBD disks are not supported by the qemu driver yet"
-        )));
+    if disk.target.starts_with(snap_backend_rbd::name::PREFIX) {
+        return rbd_disk_args(disk);
     }
     let target = Path::new(&disk.target);
     let file = path_text(target)?;
@@ -249,6 +247,45 @@ fn disk_args(disk: &DiskSpec, index: usize) -> Result<Vec<String>> {
         format!("driver={driver},file={vdev}-file,node-name={vdev}{ro}"),
         "-device".into(),
         device,
+    ])
+}
+
+/// The `-blockdev`/`-device` arguments of an RBD disk (`target=rbd:POOL/IMAGE[:conf=PATH]
+/// [:id=USER]`, format raw): QEMU's rbd driver (package qemu-block-extra) under a raw node. The
+/// conf is the name's, else `CEPH_CONF`'s, else librados' default.
+fn rbd_disk_args(disk: &DiskSpec) -> Result<Vec<String>> {
+    let vdev = &disk.vdev;
+    let spec = snap_backend_rbd::RbdSpec::parse(&disk.target)
+        .map_err(|e| e.context(format!("disk {vdev}")))?;
+    if disk.format != DiskFormat::Raw {
+        return Err(Error::unsupported(format!(
+            "disk {vdev}: an RBD disk is a raw image (format=raw), not {}",
+            disk.format.as_str()
+        )));
+    }
+    if disk.devtype.as_deref() == Some("cdrom") {
+        return Err(Error::unsupported(format!(
+            "disk {vdev}: an RBD image cannot be a cdrom"
+        )));
+    }
+    let default_conf = std::env::var_os("CEPH_CONF")
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from);
+    let options = spec
+        .blockdev_options(default_conf.as_deref())
+        .map_err(|e| e.context(format!("disk {vdev}")))?;
+    let ro = if disk.access == DiskAccess::ReadOnly || spec.snapshot().is_some() {
+        ",read-only=on"
+    } else {
+        ""
+    };
+    Ok(vec![
+        "-blockdev".into(),
+        format!("{options},node-name={vdev}-file{ro}"),
+        "-blockdev".into(),
+        format!("driver=raw,file={vdev}-file,node-name={vdev}{ro}"),
+        "-device".into(),
+        format!("virtio-blk-pci,drive={vdev},id=blk-{vdev}"),
     ])
 }
 
@@ -332,7 +369,11 @@ fn check_config(cfg: &DomainConfig) -> Result<()> {
             )));
         }
         seen.push(&disk.vdev);
-        if disk.target.is_empty() || disk.target.starts_with("rbd:") {
+        if disk.target.starts_with(snap_backend_rbd::name::PREFIX) {
+            rbd_disk_args(disk).map_err(|e| e.context(format!("domain {}", cfg.name)))?;
+            continue;
+        }
+        if disk.target.is_empty() {
             continue;
         }
         if !Path::new(&disk.target).exists() {
@@ -834,10 +875,30 @@ mod tests {
         assert!(args[1].ends_with(",read-only=on"));
         let comma = xlcfg::parse_disk_spec("format=raw,vdev=xvdc,target=/a,b").unwrap();
         assert!(disk_args(&comma, 2).is_err());
-        let rbd = xlcfg::parse_disk_spec("format=raw,vdev=xvdd,target=rbd:pool/img").unwrap();
+        let rbd = xlcfg::parse_disk_spec(
+            "format=raw,vdev=xvdd,access=rw,target=rbd:pool/img:conf=/etc/ceph/c.conf:id=u",
+        )
+        .unwrap();
         assert_eq!(
-            disk_args(&rbd, 3).unwrap_err().kind(),
+            disk_args(&rbd, 3).unwrap(),
+            [
+                "-blockdev",
+                "driver=rbd,pool=pool,image=img,conf=/etc/ceph/c.conf,user=u,node-name=xvdd-file",
+                "-blockdev",
+                "driver=raw,file=xvdd-file,node-name=xvdd",
+                "-device",
+                "virtio-blk-pci,drive=xvdd,id=blk-xvdd",
+            ]
+        );
+        let qcow2 = xlcfg::parse_disk_spec("format=qcow2,vdev=xvdd,target=rbd:pool/img").unwrap();
+        assert_eq!(
+            disk_args(&qcow2, 3).unwrap_err().kind(),
             ErrorKind::Unsupported
+        );
+        let bad = xlcfg::parse_disk_spec("format=raw,vdev=xvdd,target=rbd:pool/-img").unwrap();
+        assert_eq!(
+            disk_args(&bad, 3).unwrap_err().kind(),
+            ErrorKind::InvalidInput
         );
     }
 

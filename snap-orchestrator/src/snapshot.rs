@@ -223,7 +223,8 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
             _ => DiskKind::Internal,
         };
         let online = live_domain && backend != Backend::Lvm && driver.disk_via_qmp(disk);
-        if online && backend != Backend::Qcow2 {
+        // RBD: QEMU's rbd driver takes the image's own snapshots (blockdev-snapshot-internal-sync).
+        if online && !matches!(backend, Backend::Qcow2 | Backend::Rbd) {
             return Err(Error::unsupported(format!(
                 "disk {}: {} disks of a running QEMU domain cannot be snapshotted through QEMU \
                  (it makes qcow2 overlays only); shut the domain off first or convert the disk \
@@ -232,9 +233,10 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
                 backend.as_str()
             )));
         }
-        if backend == Backend::Rbd {
+        if backend == Backend::Rbd && opts.external {
             return Err(Error::unsupported(format!(
-                "disk {}: RBD disks are not supported in domain snapshots yet",
+                "disk {}: RBD disks take RBD snapshots in domain snapshots; --external (an RBD \
+                 clone) is not supported for them yet — run without --external",
                 disk.vdev
             )));
         }
@@ -244,7 +246,7 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
                 disk.vdev
             )));
         }
-        if backend == Backend::Qcow2 && kind == DiskKind::Internal {
+        if matches!(backend, Backend::Qcow2 | Backend::Rbd) && kind == DiskKind::Internal {
             let listing = layers::listing(backend, &image).await?;
             if listing
                 .snapshots
@@ -564,7 +566,7 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
                         d.vdev
                     )));
                 }
-                if !d.path.exists() && backend != Backend::Lvm {
+                if !d.path.exists() && !matches!(backend, Backend::Lvm | Backend::Rbd) {
                     return Err(Error::not_found(format!("disk {}: image missing", d.vdev))
                         .with_path(&d.path));
                 }
