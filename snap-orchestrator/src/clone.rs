@@ -55,6 +55,9 @@ impl CloneRegistry {
     }
 }
 
+/// One disk of a planned clone: (vdev, backend, the layer it sits on, its new overlay).
+type CloneDisk = (String, Backend, PathBuf, PathBuf);
+
 /// How a clone is left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloneState {
@@ -158,7 +161,7 @@ pub async fn clone(
     // The plan.
     let root_names: Vec<&str> = gold.snapshots.iter().map(|s| s.name.as_str()).collect();
     let mut taken: Vec<PathBuf> = Vec::new();
-    let mut plans: Vec<(String, Vec<(String, Backend, PathBuf, PathBuf)>)> = Vec::new();
+    let mut plans: Vec<(String, Vec<CloneDisk>)> = Vec::new();
     for clone in &names {
         let mut disks = Vec::new();
         for (vdev, backend, base) in &bases {
@@ -278,7 +281,7 @@ pub async fn clone(
 fn clone_config(
     snap: &SnapshotRecord,
     clone: &str,
-    disks: &[(String, Backend, PathBuf, PathBuf)],
+    disks: &[CloneDisk],
 ) -> Result<DomainConfig> {
     let mut config = snap.config.clone();
     config.name = clone.to_string();

@@ -807,10 +807,8 @@ impl<'a> Exec<'a> {
                         }
                     }
                 }
-                Step::OfflineSnapshot { name, disk } => {
-                    if !disk_taken(disk, name).await {
-                        return false;
-                    }
+                Step::OfflineSnapshot { name, disk } if !disk_taken(disk, name).await => {
+                    return false;
                 }
                 _ => {}
             }
