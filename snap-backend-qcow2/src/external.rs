@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use snap_core::io::FileIo;
 use snap_core::lock::{LockMode, open_locked};
+use snap_core::perm::{Ownership, PRIVATE_MODE};
 use snap_core::{BlockIo, ChainLayer, DiskFormat, Error, ErrorKind, Result};
 
 use crate::chain::{backing_chain, probe_format, resolve_backing};
@@ -62,54 +63,62 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Writes a new image at `path` atomically: into a temporary file in the same folder, flushed,
-/// then linked into place (refusing to replace an existing file unless `replace`), then the
-/// folder is flushed.
-fn write_new_file(path: &Path, replace: bool, options: &CreateOptions) -> Result<()> {
+/// Who a file [`write_new_file`] makes belongs to, and its mode.
+#[derive(Debug, Clone, Copy)]
+enum Owner<'a> {
+    /// A new overlay: its backing file's owner and group, with that file's mode minus every
+    /// bit for "other" ([`Ownership::for_overlay_of`]).
+    OverlayOf(&'a Path),
+    /// A rebuilt image replacing the file at `path` (which must exist): its owner and mode as
+    /// they are.
+    Replacing,
+}
+
+/// Writes a new image at `path` atomically: into a temporary file in the same folder (created
+/// 0600, given its final owner and mode before anything else may see it), flushed, then linked
+/// into place (refusing to replace an existing file unless [`Owner::Replacing`]), then the folder
+/// is flushed. On any error the temporary file is removed and nothing is left under `path`.
+fn write_new_file(path: &Path, owner: Owner<'_>, options: &CreateOptions) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = parent_dir(path);
     let file_name = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let ownership = match owner {
+        Owner::OverlayOf(backing) => Ownership::for_overlay_of(backing),
+        Owner::Replacing => Ownership::of(path),
+    }?;
     let tmp = dir.join(format!(".{file_name}.snapctl-{}.tmp", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_MODE)
         .open(&tmp)
         .map_err(|e| Error::io("create temporary file", e).with_path(&tmp))?;
     let io = FileIo::from_file(file, &tmp);
-    let result = create_image(&io, options).and_then(|_| {
-        if replace {
-            keep_owner_and_mode(path, &tmp)?;
-            std::fs::rename(&tmp, path).map_err(|e| Error::io("replace image", e).with_path(path))
-        } else {
-            std::fs::hard_link(&tmp, path)
-                .map_err(|e| Error::io("create overlay", e).with_path(path))?;
-            std::fs::remove_file(&tmp)
-                .map_err(|e| Error::io("remove temporary file", e).with_path(&tmp))
-        }
-    });
+    let result = ownership
+        .apply(io.file(), &tmp)
+        .and_then(|_| create_image(&io, options))
+        .and_then(|_| match owner {
+            Owner::Replacing => std::fs::rename(&tmp, path)
+                .map_err(|e| Error::io("replace image", e).with_path(path)),
+            Owner::OverlayOf(_) => {
+                std::fs::hard_link(&tmp, path)
+                    .map_err(|e| Error::io("create overlay", e).with_path(path))?;
+                if let Err(e) = std::fs::remove_file(&tmp) {
+                    // The overlay is complete under its name; only the second name is left.
+                    tracing::warn!(path = %tmp.display(), "cannot remove temporary file: {e}");
+                }
+                Ok(())
+            }
+        });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result?;
     sync_dir(dir)
-}
-
-/// Gives `new` the permissions and owner of `old`, so replacing an image keeps who may read it
-/// (an image made 0600 and owned by the hypervisor's user stays so).
-fn keep_owner_and_mode(old: &Path, new: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(old).map_err(|e| Error::io("stat image", e).with_path(old))?;
-    std::fs::set_permissions(new, meta.permissions())
-        .map_err(|e| Error::io("set permissions", e).with_path(new))?;
-    match std::os::unix::fs::chown(new, Some(meta.uid()), Some(meta.gid())) {
-        // Not being allowed to give a file away (not root) leaves it ours, like `cp`.
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
-        Err(e) => Err(Error::io("set owner", e).with_path(new)),
-    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -143,7 +152,7 @@ pub fn create_external(image: &Path, name: &str, overlay: Option<PathBuf>) -> Re
         extended_l2: base.header().extended_l2(),
         backing: Some((backing, DiskFormat::Qcow2)),
     };
-    write_new_file(&overlay, false, &options)?;
+    write_new_file(&overlay, Owner::OverlayOf(image), &options)?;
     Ok(overlay)
 }
 
@@ -200,7 +209,7 @@ pub fn revert_to_layer(image: &Path, layer: &Path) -> Result<()> {
             target.format,
         )),
     };
-    write_new_file(image, true, &options)
+    write_new_file(image, Owner::Replacing, &options)
 }
 
 fn layer_size(path: &Path, format: DiskFormat) -> Result<u64> {
@@ -492,14 +501,29 @@ pub fn delete_layer(
 pub fn delete_layer_in_batches(
     image: &Path,
     layer: &Path,
+    batch_bytes: u64,
+    progress: impl FnMut(u64, u64) -> bool,
+) -> Result<LayerDeleted> {
+    delete_layer_with(image, layer, batch_bytes, progress, |io| io)
+}
+
+/// [`delete_layer_in_batches`] with the child's I/O passed through `wrap` before anything is
+/// read or written through it — every write and flush of the merge goes through what `wrap`
+/// returns (e.g. a [`RecordingIo`](snap_core::io::RecordingIo), for crash-state tests). Data is
+/// copied in the kernel only when the wrapper exposes the file ([`BlockIo::file`]); otherwise it
+/// is copied through the wrapper's writes. The steps and their order are the same either way.
+pub fn delete_layer_with<IO: BlockIo>(
+    image: &Path,
+    layer: &Path,
     batch_bytes_arg: u64,
     mut progress: impl FnMut(u64, u64) -> bool,
+    wrap: impl FnOnce(FileIo) -> IO,
 ) -> Result<LayerDeleted> {
     let plan = plan_delete_layer(image, layer)?;
     // The child is written: lock it exclusively; the layer must not be written meanwhile.
     let (child_io, _child_lock) = open_locked(&plan.child, LockMode::Exclusive)?;
     let (_layer_io, _layer_lock) = open_locked(&plan.layer, LockMode::Shared)?;
-    let child_image = Qcow2::open(child_io, true).map_err(|e| e.with_path(&plan.child))?;
+    let child_image = Qcow2::open(wrap(child_io), true).map_err(|e| e.with_path(&plan.child))?;
     if !child_image.snapshots().is_empty() {
         return Err(Error::unsupported(format!(
             "{} holds internal snapshots that also read through {}; streaming would change them — delete \

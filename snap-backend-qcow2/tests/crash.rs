@@ -23,14 +23,15 @@
     clippy::panic
 )]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::process::Command;
 
 use snap_backend_qcow2::{Qcow2, Qcow2Disk, SnapshotTime};
 use snap_core::ErrorKind;
-use snap_core::io::{IoEvent, MemIo, RecordingIo, replay};
+use snap_core::crash::{CrashState, describe};
+use snap_core::io::{IoEvent, MemIo, RecordingIo};
 
 const TIME: SnapshotTime = SnapshotTime {
     sec: 1_700_000_000,
@@ -296,187 +297,12 @@ fn qemu_check_path(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A deterministic generator (xorshift64*), seeded per operation and boundary.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: &str, boundary: usize) -> Self {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        seed.hash(&mut h);
-        boundary.hash(&mut h);
-        Rng(h.finish() | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-/// Subsets (as keep-masks) of `n` pending events: all of them when there are few, else a sample
-/// of at most [`SUBSETS_PER_BOUNDARY`]: none, each one dropped alone, each one alone, random.
-/// The full set is not included (it is the flush-boundary prefix itself).
-fn subsets(n: usize, rng: &mut Rng) -> Vec<Vec<bool>> {
-    if n == 0 {
-        return Vec::new();
-    }
-    if n <= 4 {
-        return (0..(1u32 << n) - 1)
-            .map(|m| (0..n).map(|i| m & (1 << i) != 0).collect())
-            .collect();
-    }
-    let mut out: Vec<Vec<bool>> = vec![vec![false; n]];
-    let mut seen: HashSet<Vec<bool>> = out.iter().cloned().collect();
-    let mut push = |mask: Vec<bool>, out: &mut Vec<Vec<bool>>| {
-        if out.len() < SUBSETS_PER_BOUNDARY && !mask.iter().all(|k| *k) && seen.insert(mask.clone())
-        {
-            out.push(mask);
-        }
-    };
-    // The last pending event dropped, the first dropped, the last alone, the first alone.
-    for drop in [n - 1, 0] {
-        push((0..n).map(|i| i != drop).collect(), &mut out);
-    }
-    for keep in [n - 1, 0] {
-        push((0..n).map(|i| i == keep).collect(), &mut out);
-    }
-    let mut attempts = 0;
-    while out.len() < SUBSETS_PER_BOUNDARY && attempts < 200 {
-        attempts += 1;
-        let mask = match attempts % 3 {
-            0 => {
-                let drop = (rng.next() % n as u64) as usize;
-                (0..n).map(|i| i != drop).collect()
-            }
-            1 => (0..n).map(|_| rng.next() % 2 == 0).collect(),
-            _ => {
-                // Mostly kept: 1 in 4 dropped.
-                (0..n).map(|_| rng.next() % 4 != 0).collect()
-            }
-        };
-        push(mask, &mut out);
-    }
-    out
-}
-
-/// One crash state: a description and its events applied to a copy of the before image.
-struct CrashState {
-    label: String,
-    events: Vec<IoEvent>,
-    /// A flush-boundary prefix (checked more deeply, and by qemu-img).
-    boundary: bool,
-}
-
-/// Every crash state of `log`: each prefix ending just before or just after a flush (and the
-/// whole log), and at each such point subsets of the events since the previous flush.
-fn crash_states(log: &[IoEvent], seed: &str) -> Vec<CrashState> {
-    let mut states = vec![CrashState {
-        label: "nothing written".into(),
-        events: Vec::new(),
-        boundary: true,
-    }];
-    let mut durable = 0usize; // events[..durable] reached the disk (last flush included)
-    let mut boundary = 0usize;
-    let mut cut =
-        |end: usize, is_end_of_log: bool, durable: usize, states: &mut Vec<CrashState>| {
-            boundary += 1;
-            let what = if is_end_of_log {
-                "end of log".to_string()
-            } else {
-                format!("flush at event {end}")
-            };
-            if !is_end_of_log {
-                states.push(CrashState {
-                    label: format!("just before {what}"),
-                    events: log[..end].to_vec(),
-                    boundary: true,
-                });
-                states.push(CrashState {
-                    label: format!("just after {what}"),
-                    events: log[..=end].to_vec(),
-                    boundary: true,
-                });
-            } else if end > durable {
-                states.push(CrashState {
-                    label: what.clone(),
-                    events: log[..end].to_vec(),
-                    boundary: true,
-                });
-            }
-            let pending: Vec<usize> = (durable..end)
-                .filter(|&i| !matches!(log[i], IoEvent::Flush))
-                .collect();
-            let mut rng = Rng::new(seed, boundary);
-            for mask in subsets(pending.len(), &mut rng) {
-                let mut events = log[..durable].to_vec();
-                let mut kept = Vec::new();
-                for (&i, &keep) in pending.iter().zip(&mask) {
-                    if keep {
-                        events.push(log[i].clone());
-                        kept.push(i);
-                    }
-                }
-                states.push(CrashState {
-                    label: format!("{what}, of pending events {pending:?} only {kept:?} persisted"),
-                    events,
-                    boundary: false,
-                });
-            }
-            // Torn writes: every pending write of more than one sector reached the disk only up
-            // to a sector boundary in its middle (sector writes are atomic, longer ones are not).
-            let torn: Vec<usize> = pending
-                .iter()
-                .copied()
-                .filter(|&i| matches!(&log[i], IoEvent::Write { data, .. } if data.len() > 512))
-                .collect();
-            if !torn.is_empty() {
-                let mut events = log[..durable].to_vec();
-                for &i in &pending {
-                    match &log[i] {
-                        IoEvent::Write { offset, data } if data.len() > 512 => {
-                            let half = (data.len() / 2).next_multiple_of(512).min(data.len() - 512);
-                            events.push(IoEvent::Write {
-                                offset: *offset,
-                                data: data[..half.max(512)].to_vec(),
-                            });
-                        }
-                        e => events.push(e.clone()),
-                    }
-                }
-                states.push(CrashState {
-                    label: format!("{what}, pending writes {torn:?} torn at a middle sector"),
-                    events,
-                    boundary: false,
-                });
-            }
-        };
-    for (i, e) in log.iter().enumerate() {
-        if matches!(e, IoEvent::Flush) {
-            cut(i, false, durable, &mut states);
-            durable = i + 1;
-        }
-    }
-    cut(log.len(), true, durable, &mut states);
-    states
-}
-
 fn materialize(before: &[u8], events: &[IoEvent]) -> Vec<u8> {
-    let io = MemIo::from_bytes(before.to_vec());
-    replay(&io, events).unwrap();
-    io.to_bytes()
+    snap_core::crash::materialize(before, events).unwrap()
 }
 
-fn describe(log: &[IoEvent]) -> String {
-    log.iter()
-        .enumerate()
-        .map(|(i, e)| match e {
-            IoEvent::Write { offset, data } => format!("{i}:W{offset:#x}+{:#x}", data.len()),
-            IoEvent::SetLen(len) => format!("{i}:L{len:#x}"),
-            IoEvent::Flush => format!("{i}:F"),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+fn crash_states(log: &[IoEvent], seed: &str) -> Vec<CrashState> {
+    snap_core::crash::crash_states(log, seed, SUBSETS_PER_BOUNDARY)
 }
 
 #[derive(Debug)]

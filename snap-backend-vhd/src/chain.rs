@@ -318,9 +318,21 @@ pub fn hex(id: &[u8; 16]) -> String {
 pub fn open_chain(
     path: &Path,
     policy: ParentPolicy,
-    mut mode: impl FnMut(usize, &Path) -> LockMode,
+    mode: impl FnMut(usize, &Path) -> LockMode,
 ) -> Result<Chain<FileIo>> {
-    let mut layers: Vec<Layer<FileIo>> = Vec::new();
+    open_chain_with(path, policy, mode, |_, io| io)
+}
+
+/// [`open_chain`] with each layer's file I/O passed through `wrap(level, io)` before the layer is
+/// read (e.g. a [`RecordingIo`](snap_core::io::RecordingIo), for crash-state tests); locks are
+/// taken on the files themselves.
+pub fn open_chain_with<IO: BlockIo>(
+    path: &Path,
+    policy: ParentPolicy,
+    mut mode: impl FnMut(usize, &Path) -> LockMode,
+    mut wrap: impl FnMut(usize, FileIo) -> IO,
+) -> Result<Chain<IO>> {
+    let mut layers: Vec<Layer<IO>> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut next = Some(path.to_path_buf());
     while let Some(layer_path) = next.take() {
@@ -336,8 +348,9 @@ pub fn open_chain(
             ))
             .with_path(path));
         }
-        let lock_mode = mode(layers.len(), &canonical);
-        let layer = open_layer(&layer_path, lock_mode)?;
+        let level = layers.len();
+        let lock_mode = mode(level, &canonical);
+        let layer = open_layer_with(&layer_path, lock_mode, |io| wrap(level, io))?;
         if let Some(child) = layers.last() {
             check_link(child, &layer)?;
         }
@@ -352,10 +365,19 @@ pub fn open_chain(
 
 /// Opens one VHD file under a lock of `mode` (writable for [`LockMode::Exclusive`]).
 pub fn open_layer(path: &Path, mode: LockMode) -> Result<Layer<FileIo>> {
+    open_layer_with(path, mode, |io| io)
+}
+
+/// [`open_layer`] with the file's I/O passed through `wrap` (the lock is on the file).
+fn open_layer_with<IO: BlockIo>(
+    path: &Path,
+    mode: LockMode,
+    wrap: impl FnOnce(FileIo) -> IO,
+) -> Result<Layer<IO>> {
     let writable = mode == LockMode::Exclusive;
     let io = FileIo::open(path, writable)?;
     let lock = ImageLock::acquire(io.file(), path, mode)?;
-    let image = Vhd::open(io, writable).map_err(|e| e.with_path(path))?;
+    let image = Vhd::open(wrap(io), writable).map_err(|e| e.with_path(path))?;
     for note in image.notes() {
         tracing::warn!(path = %path.display(), "{note}");
     }

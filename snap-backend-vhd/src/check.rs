@@ -54,7 +54,15 @@ impl CheckReport {
 pub fn check<IO: BlockIo>(image: &Vhd<IO>) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     for note in image.notes() {
-        report.corruption(note.clone());
+        if image.footer_copy_stale() && !image.footer_from_copy() {
+            // Both footers are valid and the end one is used: what an interrupted relink or type
+            // change leaves (the footer is rewritten at the end first), not damage.
+            report.note(format!(
+                "{note}; an interrupted relink leaves this, harmless: the end copy is authoritative"
+            ));
+        } else {
+            report.corruption(note.clone());
+        }
     }
     let Some(header) = image.header() else {
         return Ok(report);

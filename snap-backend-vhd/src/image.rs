@@ -69,6 +69,9 @@ pub struct Vhd<IO> {
     footer_offset: u64,
     /// The trailing footer was unusable and the copy at offset 0 is in use.
     footer_from_copy: bool,
+    /// Both footers are valid but differ (an interrupted type change or relink leaves this; the
+    /// end one is used).
+    footer_copy_stale: bool,
     /// Things worth telling the user that did not stop the open.
     notes: Vec<String>,
     writable: bool,
@@ -90,12 +93,14 @@ impl<IO: BlockIo> Vhd<IO> {
         io.read_exact_at(&mut end, footer_offset)?;
         let mut notes = Vec::new();
         let mut footer_from_copy = false;
+        let mut footer_copy_stale = false;
         let footer = match Footer::parse(&end) {
             Ok(footer) => {
                 if footer.disk_type.is_sparse() {
                     let mut copy = [0u8; FOOTER_LEN];
                     io.read_exact_at(&mut copy, 0)?;
                     if copy != end {
+                        footer_copy_stale = true;
                         notes.push(
                             "the footer copy at offset 0 differs from the footer at the end \
                              (the end copy is used)"
@@ -128,6 +133,15 @@ impl<IO: BlockIo> Vhd<IO> {
                 notes.last().map(String::as_str).unwrap_or_default()
             )));
         }
+        // New blocks and locator data go where the footer is, and BAT entries and locators
+        // address whole sectors: a footer off a sector boundary would make them point next to
+        // the data written.
+        if writable && footer_offset % SECTOR != 0 {
+            return Err(Error::corrupt(format!(
+                "file length {len} is not a multiple of 512 (truncated or appended to?); \
+                 refusing to write"
+            )));
+        }
         let mut vhd = Vhd {
             io,
             footer,
@@ -135,6 +149,7 @@ impl<IO: BlockIo> Vhd<IO> {
             bat: Vec::new(),
             footer_offset,
             footer_from_copy,
+            footer_copy_stale,
             notes,
             writable,
         };
@@ -248,6 +263,13 @@ impl<IO: BlockIo> Vhd<IO> {
     /// Whether the copy at offset 0 had to be used.
     pub fn footer_from_copy(&self) -> bool {
         self.footer_from_copy
+    }
+
+    /// Whether the footer copy at offset 0 differs from the (valid, used) footer at the end: the
+    /// state an interrupted type change or relink leaves (which
+    /// [`repair_footer_copy`](Vhd::repair_footer_copy) ends). Not a corruption.
+    pub fn footer_copy_stale(&self) -> bool {
+        self.footer_copy_stale
     }
 
     /// Notes from opening (footer fallback, differing copies).
@@ -605,6 +627,7 @@ impl<IO: BlockIo> Vhd<IO> {
         }
         self.io.write_all_at(&end, 0)?;
         self.io.flush()?;
+        self.footer_copy_stale = false;
         Ok(true)
     }
 }

@@ -26,13 +26,13 @@ pub mod image;
 pub mod ops;
 
 pub use backend::{NO_INTERNAL, VhdBackend};
-pub use chain::{Chain, Layer, MAX_CHAIN_DEPTH, open_chain};
+pub use chain::{Chain, Layer, MAX_CHAIN_DEPTH, open_chain, open_chain_with};
 pub use check::CheckReport;
 pub use format::locator::ParentPolicy;
 pub use image::{ParentLink, SectorRun, Vhd};
 pub use ops::{
     DeleteOutcome, check_path, create_differencing, create_dynamic, create_external,
-    default_overlay_path, delete_layer, list_path, probe, revert_to_layer,
+    default_overlay_path, delete_layer, delete_layer_with, list_path, probe, revert_to_layer,
 };
 
 /// The footer cookie that identifies a VHD file (its last 512 bytes, and a copy at offset 0 for

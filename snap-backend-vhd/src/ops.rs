@@ -14,14 +14,16 @@
 
 use std::fs::OpenOptions;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use snap_core::io::FileIo;
 use snap_core::lock::{ImageLock, LockMode};
 use snap_core::model::validate_snapshot_name;
+use snap_core::perm::{Ownership, PRIVATE_MODE};
 use snap_core::{BlockIo, ChainLayer, DiskFormat, DiskListing, Error, ErrorKind, Result};
 
-use crate::chain::{Chain, Layer, open_chain};
+use crate::chain::{Chain, Layer, open_chain, open_chain_with};
 use crate::check::{CheckReport, check};
 use crate::format::footer::{DiskType, FOOTER_LEN, Footer, vhd_time_now};
 use crate::format::header::{DEFAULT_BLOCK_SIZE, DynamicHeader, HEADER_LEN, PlatformCode};
@@ -96,8 +98,15 @@ fn child_folder(path: &Path) -> Result<PathBuf> {
 }
 
 /// Builds a new image at `path` through a temporary file in the same folder, linked into place
-/// (never replacing an existing file) only when complete and flushed.
-fn create_file_atomically(path: &Path, build: impl FnOnce(FileIo) -> Result<()>) -> Result<()> {
+/// (never replacing an existing file) only when complete and flushed. With `ownership` the
+/// temporary file is created private (0600) and given that owner and mode before anything is
+/// written; without, it gets the default mode (a new base disk, as `qemu-img create` makes it).
+/// On any error the temporary file is removed and nothing is left under `path`.
+fn create_file_atomically(
+    path: &Path,
+    ownership: Option<Ownership>,
+    build: impl FnOnce(FileIo) -> Result<()>,
+) -> Result<()> {
     let dir = child_folder(path)?;
     let name = path
         .file_name()
@@ -114,10 +123,18 @@ fn create_file_atomically(path: &Path, build: impl FnOnce(FileIo) -> Result<()>)
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(if ownership.is_some() {
+            PRIVATE_MODE
+        } else {
+            0o666
+        })
         .open(&tmp)
         .map_err(|e| Error::io("create temporary image", e).with_path(&tmp))?;
     let result = (|| {
         let lock = ImageLock::acquire(&file, &tmp, LockMode::Exclusive)?;
+        if let Some(ownership) = ownership {
+            ownership.apply(&file, &tmp)?;
+        }
         build(FileIo::from_file(file, &tmp))?;
         std::fs::hard_link(&tmp, path)
             .map_err(|e| Error::io("link new image", e).with_path(path))?;
@@ -141,14 +158,17 @@ fn sync_folder(dir: &Path) {
 pub fn create_dynamic(path: &Path, size: u64, block_size: Option<u32>) -> Result<()> {
     let id = new_unique_id()?;
     let footer = new_footer(size, id, vhd_time_now());
-    create_file_atomically(path, |io| {
+    create_file_atomically(path, None, |io| {
         create(io, footer, block_size.unwrap_or(DEFAULT_BLOCK_SIZE), None).map(drop)
     })
     .map_err(|e| e.with_path(path))
 }
 
 /// Creates a new, empty differencing VHD at `child_path` whose parent is the open `parent`
-/// (found at `parent_path`): size, geometry and block size from the parent.
+/// (found at `parent_path`): size, geometry and block size from the parent; owner, group and
+/// mode from the parent's file too, minus every bit for "other"
+/// ([`Ownership::for_overlay_of`]): the child takes the guest's writes and must be no easier to
+/// read than the parent.
 pub fn create_differencing<IO: BlockIo>(
     child_path: &Path,
     parent_path: &Path,
@@ -164,7 +184,8 @@ pub fn create_differencing<IO: BlockIo>(
         .header()
         .map(|h| h.block_size)
         .unwrap_or(DEFAULT_BLOCK_SIZE);
-    create_file_atomically(child_path, |io| {
+    let ownership = Ownership::for_overlay_of(parent_path)?;
+    create_file_atomically(child_path, Some(ownership), |io| {
         create(io, footer, block_size, Some(&link)).map(drop)
     })
     .map_err(|e| e.with_path(child_path))
@@ -327,11 +348,20 @@ pub fn revert_to_layer(image: &Path, layer: &Path, policy: ParentPolicy) -> Resu
         std::process::id()
     ));
     let _ = std::fs::remove_file(&staged);
+    let keep = Ownership::of(image)?;
     create_differencing(&staged, &target.path, &target.image, policy)?;
-    std::fs::rename(&staged, image).map_err(|e| {
+    // The rebuilt image keeps the owner and mode the image had.
+    let replaced = std::fs::File::open(&staged)
+        .map_err(|e| Error::io("open rebuilt image", e).with_path(&staged))
+        .and_then(|file| keep.apply(&file, &staged))
+        .and_then(|_| {
+            std::fs::rename(&staged, image)
+                .map_err(|e| Error::io("replace image", e).with_path(image))
+        });
+    if let Err(e) = replaced {
         let _ = std::fs::remove_file(&staged);
-        Error::io("replace image", e).with_path(image)
-    })?;
+        return Err(e);
+    }
     sync_folder(&dir);
     drop(chain);
     Ok(())
@@ -358,18 +388,36 @@ pub struct DeleteOutcome {
 /// still names it as parent. The guest view of IMAGE never changes at any moment, so an
 /// interrupted delete can be run again; PATH's parent is never written.
 pub fn delete_layer(image: &Path, layer: &Path, policy: ParentPolicy) -> Result<DeleteOutcome> {
+    delete_layer_with(image, layer, policy, |_, io| io)
+}
+
+/// [`delete_layer`] with each layer's file I/O passed through `wrap(level, io)` (level 0 is the
+/// image) before anything is read or written through it — e.g. a
+/// [`RecordingIo`](snap_core::io::RecordingIo), for crash-state tests. The steps and their order
+/// are the same.
+pub fn delete_layer_with<IO: BlockIo>(
+    image: &Path,
+    layer: &Path,
+    policy: ParentPolicy,
+    wrap: impl FnMut(usize, FileIo) -> IO,
+) -> Result<DeleteOutcome> {
     let wanted =
         std::fs::canonicalize(layer).map_err(|e| Error::io("resolve layer", e).with_path(layer))?;
     let mut below = false;
-    let mut chain = open_chain(image, policy, |_, canonical| {
-        if below {
-            return LockMode::Shared;
-        }
-        if canonical == wanted {
-            below = true;
-        }
-        LockMode::Exclusive
-    })?;
+    let mut chain = open_chain_with(
+        image,
+        policy,
+        |_, canonical| {
+            if below {
+                return LockMode::Shared;
+            }
+            if canonical == wanted {
+                below = true;
+            }
+            LockMode::Exclusive
+        },
+        wrap,
+    )?;
     let index = layer_index(&chain, image, layer)?;
     let child_path = chain
         .layers()

@@ -5,7 +5,10 @@
 //! - [`error`]: one error type with a small kind enum and context.
 //! - [`io`]: the block I/O trait (positional read/write, flush, length) with a file implementation,
 //!   an in-memory one, and a recording one whose log of writes and flushes crash tests replay.
+//! - [`crash`]: the crash states of a recorded write log (flush boundaries, subsets of unflushed
+//!   writes, torn writes), for crash-state tests.
 //! - [`lock`]: image locking compatible with QEMU's OFD byte locks.
+//! - [`perm`]: owner and mode of new overlays and rebuilt images (never looser than their origin).
 #![cfg_attr(
     test,
     allow(
@@ -18,10 +21,12 @@
 
 pub mod backend;
 pub mod bytes;
+pub mod crash;
 pub mod error;
 pub mod io;
 pub mod lock;
 pub mod model;
+pub mod perm;
 pub mod qmp;
 
 pub use backend::{Capabilities, CreateRequest, DiskBackend, Target};

@@ -795,14 +795,33 @@ impl Control for QemuControl {
             offset: MEMORY_OFFSET,
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
+            // Private: memory images hold the guest's RAM (QEMU creates them 0600).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| Error::io("create the memory image folder", e).with_path(dir))?;
         }
         let info_path = memory_info_path(path);
         let text = serde_json::to_vec_pretty(&info)
             .map_err(|e| Error::invalid(format!("encode memory image info: {e}")))?;
-        std::fs::write(&info_path, text)
-            .map_err(|e| Error::io("write memory image info", e).with_path(&info_path))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&info_path)
+                .and_then(|mut file| {
+                    // A file left by an earlier run keeps its mode on open: set it.
+                    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                    file.write_all(&text)
+                })
+                .map_err(|e| Error::io("write memory image info", e).with_path(&info_path))?;
+        }
         set_capability(&self.qmp, "events", true).await?;
         let started = SystemTime::now();
         self.events = self.qmp.subscribe();

@@ -525,6 +525,12 @@ impl DomainLock {
     /// syncs it, renames it over `domain.json` and syncs the directory. The record must belong to
     /// this domain and be valid ([`DomainRecord::validate`]); otherwise nothing is written.
     pub fn save(&self, record: &DomainRecord) -> Result<()> {
+        self.save_with(record, &mut RealSteps)
+    }
+
+    /// [`save`](DomainLock::save) with its file-system steps taken by `steps` (a test stands in
+    /// for the file system there, to stop between any two steps).
+    fn save_with(&self, record: &DomainRecord, steps: &mut dyn ReplaceSteps) -> Result<()> {
         if record.name != self.name {
             return Err(Error::invalid(format!(
                 "refusing to save the record of domain {} as domain {}",
@@ -550,18 +556,7 @@ impl DomainLock {
         bytes.push(b'\n');
 
         let tmp = self.dir.join(RECORD_TMP);
-        let path = self.record_path();
-        remove_if_present(&tmp)?;
-        let written = write_synced(&tmp, &bytes)
-            .and_then(|()| {
-                fs::rename(&tmp, &path)
-                    .map_err(|e| Error::io("replace the domain record", e).with_path(&path))
-            })
-            .and_then(|()| sync_dir(&self.dir));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written
+        replace_atomically(steps, &self.dir, &tmp, &self.record_path(), &bytes)
     }
 
     /// Saves `value` as JSON in `FILE` of the domain folder, atomically (the way [`save`] writes
@@ -630,6 +625,68 @@ impl DomainLock {
         }
         sync_dir(&self.dir)
     }
+}
+
+/// The file-system steps of [`replace_atomically`], one call each, so that tests can stand in for
+/// the file system: stop ("crash") after any step, or fail one.
+trait ReplaceSteps {
+    /// Removes the temporary file if a crashed save left one.
+    fn remove_stale(&mut self, tmp: &Path) -> Result<()>;
+    /// Creates the temporary file (0600; it must not exist), writes `bytes` and syncs them: when
+    /// this returns, the bytes are durable.
+    fn write_synced(&mut self, tmp: &Path, bytes: &[u8]) -> Result<()>;
+    /// Renames the temporary file over `path` (atomically replacing it).
+    fn rename(&mut self, tmp: &Path, path: &Path) -> Result<()>;
+    /// Syncs the directory: the rename becomes durable.
+    fn sync_dir(&mut self, dir: &Path) -> Result<()>;
+    /// Removes the temporary file after a failed step (best effort).
+    fn discard(&mut self, tmp: &Path);
+}
+
+/// The real file system.
+struct RealSteps;
+
+impl ReplaceSteps for RealSteps {
+    fn remove_stale(&mut self, tmp: &Path) -> Result<()> {
+        remove_if_present(tmp)
+    }
+    fn write_synced(&mut self, tmp: &Path, bytes: &[u8]) -> Result<()> {
+        write_synced(tmp, bytes)
+    }
+    fn rename(&mut self, tmp: &Path, path: &Path) -> Result<()> {
+        fs::rename(tmp, path).map_err(|e| Error::io("replace the domain record", e).with_path(path))
+    }
+    fn sync_dir(&mut self, dir: &Path) -> Result<()> {
+        sync_dir(dir)
+    }
+    fn discard(&mut self, tmp: &Path) {
+        let _ = fs::remove_file(tmp);
+    }
+}
+
+/// Replaces `path` (in `dir`) by a file holding `bytes` so that a crash at any moment leaves the
+/// old file or the new one, whole: a stale `tmp` is removed, `tmp` is written and synced, renamed
+/// over `path`, and `dir` is synced. On an error `tmp` is removed and `path` is untouched (or,
+/// after the rename, already whole and new).
+fn replace_atomically(
+    steps: &mut dyn ReplaceSteps,
+    dir: &Path,
+    tmp: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<()> {
+    steps.remove_stale(tmp)?;
+    let mut written = steps.write_synced(tmp, bytes);
+    if written.is_ok() {
+        written = steps.rename(tmp, path);
+    }
+    if written.is_ok() {
+        written = steps.sync_dir(dir);
+    }
+    if written.is_err() {
+        steps.discard(tmp);
+    }
+    written
 }
 
 /// Removes `path`; a missing file is fine.
@@ -1269,6 +1326,10 @@ pub fn render_info(rec: &DomainRecord, snap: &SnapshotRecord) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[path = "store_crash_tests.rs"]
+mod crash_tests;
 
 #[cfg(test)]
 mod tests {
