@@ -11,12 +11,14 @@
 //!
 //! The second part (`merge`, see [`merge`]) times deleting a layer of an external-snapshot chain
 //! against `qemu-img rebase` and `qemu-img commit`. The third (`pause`, see [`pause`]) measures the
-//! pause window of a live domain snapshot of the test guest. `--only snapshot|merge|pause|clone` runs one
-//! part.
+//! pause window of a live domain snapshot of the test guest. The fourth (`rbd`, see [`rbd`]) times
+//! RBD snapshots and clones on a one-node Ceph against qemu-img snapshot on qcow2.
+//! `--only snapshot|merge|pause|clone|rbd` runs one part.
 
 mod clone;
 mod merge;
 mod pause;
+mod rbd;
 
 use crate::proc::{TempDir, Workspace, capture, display, run};
 use crate::sysdeps::{GNU_TIME, ensure_gnu_time, ensure_qemu_tools};
@@ -56,6 +58,8 @@ enum Part {
     Pause,
     /// Gold-image clone time against the data size.
     Clone,
+    /// RBD snapshots and clones on a one-node Ceph against qemu-img snapshot on qcow2.
+    Rbd,
 }
 
 /// Bounds of `--merge-data`: the chain must fit in its 64G image (mid's data ends at 1.5x).
@@ -84,6 +88,9 @@ pub fn run_bench(args: &[String]) -> Result {
     }
     if wants(Part::Clone) {
         outcomes.push(clone::run_clone(&workspace.target, &snapctl));
+    }
+    if wants(Part::Rbd) {
+        outcomes.push(rbd::run_rbd(&workspace.target, &snapctl, options.runs));
     }
     if wants(Part::Merge) {
         outcomes.push(merge::run_merge(
@@ -197,9 +204,10 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     "merge" => Part::Merge,
                     "pause" => Part::Pause,
                     "clone" => Part::Clone,
+                    "rbd" => Part::Rbd,
                     _ => {
                         return Err(Failure::Usage(format!(
-                            "--only {part}: expected `snapshot`, `merge`, `pause` or `clone`"
+                            "--only {part}: expected `snapshot`, `merge`, `pause`, `clone` or `rbd`"
                         )));
                     }
                 });

@@ -320,6 +320,124 @@ pub fn ensure_xen_dev() -> Result<bool> {
     }
 }
 
+/// The Ceph packages the RBD tests run a one-node cluster with (a monitor, a memstore OSD and
+/// the rbd command), from the release's main suites, without recommends (about 10 s; they touch
+/// no QEMU package).
+const CEPH_PACKAGES: [&str; 3] = ["ceph-mon", "ceph-osd", "ceph-common"];
+
+/// QEMU's rbd block driver (for `-blockdev driver=rbd` and `qemu-img ... rbd:`): a module that
+/// must be exactly the installed QEMU's version.
+const QEMU_RBD_PACKAGE: &str = "qemu-block-extra";
+
+/// Whether the Ceph binaries the RBD tests use are installed.
+fn has_ceph() -> bool {
+    [
+        "ceph-mon",
+        "ceph-osd",
+        "monmaptool",
+        "osdmaptool",
+        "ceph",
+        "rbd",
+    ]
+    .iter()
+    .all(|binary| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {binary}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Whether QEMU's tools have the rbd block driver.
+fn qemu_has_rbd() -> bool {
+    stdout_of(Command::new("qemu-img").arg("--help")).is_some_and(|help| help.contains(" rbd"))
+}
+
+/// The installed version of Debian package `package`.
+fn installed_version(package: &str) -> Option<String> {
+    stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Makes sure a one-node Ceph can run for the RBD tests: ceph-mon, ceph-osd and ceph-common
+/// (main suites, `--no-install-recommends`), and qemu-block-extra at exactly the installed
+/// qemu-utils' version (on bookworm that is in bookworm-backports: the exact version is asked
+/// for, so nothing else comes from there). apt's plan is simulated first and refused if it
+/// would remove anything or bring a QEMU package older than 10. Best effort: returns whether
+/// everything is there (then the tests must not skip: `SNAPCTL_REQUIRE_CEPH`).
+pub fn ensure_ceph() -> bool {
+    if has_ceph() && qemu_has_rbd() {
+        println!("xtask: Ceph (ceph-mon, ceph-osd, rbd) and QEMU's rbd driver found");
+        return true;
+    }
+    let Some(qemu_version) = installed_version("qemu-utils") else {
+        println!("xtask: qemu-utils is not installed; the RBD tests will skip");
+        return false;
+    };
+    let mut packages: Vec<String> = CEPH_PACKAGES.iter().map(|p| p.to_string()).collect();
+    packages.push(format!("{QEMU_RBD_PACKAGE}={qemu_version}"));
+    let refs: Vec<&str> = packages.iter().map(String::as_str).collect();
+    if !is_root() {
+        println!(
+            "xtask: Ceph or QEMU's rbd driver is missing (the RBD tests will skip). As root: {}",
+            install_hint(&refs, None)
+        );
+        return false;
+    }
+    println!("xtask: installing {}", refs.join(" "));
+    let installed = (|| {
+        if let Some(suite) = backports_suite() {
+            ensure_suite(&suite)?;
+        }
+        apt_update_once()?;
+        let simulation = capture(apt_get_install(&refs, None).arg("-s"))?;
+        if !simulation.status.success() {
+            return Err(format!(
+                "apt cannot plan it: {}",
+                String::from_utf8_lossy(&simulation.stderr).trim()
+            ));
+        }
+        check_ceph_plan(&String::from_utf8_lossy(&simulation.stdout))?;
+        apt_install(&refs, None)
+    })();
+    if let Err(message) = installed {
+        println!("xtask: could not install Ceph ({message}); the RBD tests will skip");
+        return false;
+    }
+    let ok = has_ceph() && qemu_has_rbd();
+    if !ok {
+        println!(
+            "xtask: Ceph or QEMU's rbd driver still missing after installing; the RBD tests will skip"
+        );
+    }
+    ok
+}
+
+/// Refuses an `apt-get install -s` plan that removes a package or installs a QEMU package whose
+/// upstream version is older than 10.
+fn check_ceph_plan(plan: &str) -> std::result::Result<(), String> {
+    for line in plan.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Remv"), _) => return Err(format!("apt would remove a package: {line}")),
+            (Some("Inst"), Some(package)) if package.starts_with("qemu") => {
+                let candidate = line
+                    .split_once('(')
+                    .and_then(|(_, rest)| rest.split_whitespace().next());
+                if candidate
+                    .and_then(debian_upstream_major)
+                    .is_none_or(|major| major < 10)
+                {
+                    return Err(format!("apt would install an old QEMU: {line}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Whether GNU time is available for RSS measurements; installs package `time` when root.
 pub fn ensure_gnu_time() -> bool {
     if Path::new(GNU_TIME).exists() {
@@ -587,6 +705,19 @@ Inst qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:bookworm-ba
         assert_eq!(debian_upstream_major("1:10.0.2+ds-2"), Some(10));
         assert_eq!(debian_upstream_major("7.2+dfsg-7"), Some(7));
         assert_eq!(debian_upstream_major("x"), None);
+    }
+
+    #[test]
+    fn ceph_install_plans() {
+        let good = "Inst librbd1 (16.2.15+ds-0+deb12u2 Debian:12.15/oldstable [amd64])\n\
+Inst ceph-mon (16.2.15+ds-0+deb12u2 Debian:12.15/oldstable [amd64])\n\
+Inst qemu-block-extra (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])\n";
+        assert_eq!(check_ceph_plan(good), Ok(()));
+        let old =
+            "Inst qemu-block-extra (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])\n";
+        assert!(check_ceph_plan(old).is_err());
+        let removes = "Remv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\n";
+        assert!(check_ceph_plan(removes).is_err());
     }
 
     #[test]

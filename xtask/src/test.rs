@@ -1,6 +1,7 @@
 //! `cargo xtask test`: everything CI checks, in the order a developer wants to hear about it.
 //!
-//! 1. system tools (qemu-utils >= 10, libxen-dev; installed when root)
+//! 1. system tools (qemu-utils >= 10, libxen-dev, Ceph and qemu-block-extra for the RBD tests;
+//!    installed when root)
 //! 2. `cargo build --workspace --all-targets --features snap-orchestrator/xen` (the feature only
 //!    where libxenlight is installed, as in steps 4 to 6)
 //! 3. the QEMU test guest (`cargo xtask guest`; skipped when up to date)
@@ -33,6 +34,8 @@ struct Step {
 pub fn run_tests(args: &[String]) -> Result {
     let extra = nextest_args(args)?;
     ensure_qemu_tools()?;
+    // A one-node Ceph for the RBD tests (best effort: they skip without it).
+    let ceph = crate::sysdeps::ensure_ceph();
     // snap-orchestrator's Xen driver (libxl bindings) is built and tested where it can link.
     let xen: &[&str] = if ensure_xen_dev()? {
         &["--features", "snap-orchestrator/xen"]
@@ -75,6 +78,10 @@ pub fn run_tests(args: &[String]) -> Result {
         if guest {
             // The guest is there: a domain test that cannot find it must fail, not skip.
             tests.env("SNAPCTL_REQUIRE_GUEST", "1");
+        }
+        if ceph {
+            // Ceph is installed: an RBD test that cannot start its cluster must fail, not skip.
+            tests.env("SNAPCTL_REQUIRE_CEPH", "1");
         }
         if !snapctl.exists() {
             println!(
