@@ -35,12 +35,30 @@ pub(crate) enum ClusterSource {
 /// Clusters written per metadata transaction by [`Qcow2Disk::write`].
 const WRITE_BATCH_CLUSTERS: usize = 256;
 
+/// A run of a guest view: whether some layer holds data for it, and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// `true` when a layer holds data for the run (it may still be zeroes); `false` when the
+    /// run reads as zeroes without any layer holding data (unallocated through the whole chain,
+    /// zero clusters, or past a layer's end).
+    pub data: bool,
+    /// Length in bytes (at least 1 when asked about a non-empty range).
+    pub len: u64,
+}
+
 /// Read access to a disk's guest view.
 pub trait GuestRead: Send + Sync + fmt::Debug {
     /// The guest-visible size in bytes.
     fn guest_size(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset`; bytes past the guest size read as zeroes.
     fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// How the guest range `offset..offset + len` begins (like QEMU's block status): the first
+    /// run, at most `len` bytes long. The default says "data" for the whole range, which is
+    /// always correct (only less sparse).
+    fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        let _ = offset;
+        Ok(Extent { data: true, len })
+    }
 }
 
 /// A raw file used as a backing layer.
@@ -92,6 +110,57 @@ impl Qcow2Disk<FileIo> {
         let image = Qcow2::open(io, writable).map_err(|e| e.with_path(path))?;
         let backing = open_backing(path, &image, 0)?;
         Ok(Qcow2Disk { image, backing })
+    }
+
+    /// Opens a read-only guest view of the image at `path`: its current view, or with
+    /// `snapshot` (a name, or an id when no name matches) the view of that internal snapshot —
+    /// its own L1 table and virtual size, reading unallocated clusters through the image's
+    /// backing chain as QEMU does. No lock is taken (the caller decides: see
+    /// [`snap_core::lock`]); a snapshot's clusters never change while it exists, so its view
+    /// can be read while another process (a running QEMU) writes the image.
+    pub fn open_view(path: &Path, snapshot: Option<&str>) -> Result<Self> {
+        let io = FileIo::open(path, false)?;
+        let mut image = Qcow2::open(io, false).map_err(|e| e.with_path(path))?;
+        if let Some(name) = snapshot {
+            image = image
+                .into_snapshot_view(name)
+                .map_err(|e| e.with_path(path))?;
+        }
+        let backing = open_backing(path, &image, 0)?;
+        Ok(Qcow2Disk { image, backing })
+    }
+}
+
+impl<IO: BlockIo> Qcow2<IO> {
+    /// Turns a read-only image into the guest view of its internal snapshot `name_or_id` (a
+    /// name, or an id when no name matches): the snapshot's L1 table becomes the one reads go
+    /// through, and the virtual size is the snapshot's (when recorded; the image's otherwise).
+    /// Refused for an image opened writable: writes must never go through a snapshot's table.
+    pub fn into_snapshot_view(mut self, name_or_id: &str) -> Result<Self> {
+        if self.writable {
+            return Err(Error::invalid(
+                "a snapshot's view can only be read: open the image read-only",
+            ));
+        }
+        let index = self.find_snapshot(name_or_id)?;
+        let Some(sn) = self.snapshots.get(index).cloned() else {
+            return Err(Error::not_found(format!(
+                "no snapshot named {name_or_id:?}"
+            )));
+        };
+        let size = sn.disk_size().unwrap_or(self.hc.header.size);
+        if size > crate::image::MAX_VIRTUAL_SIZE {
+            return Err(Error::corrupt(format!(
+                "snapshot {:?} records an implausible disk size {size}",
+                sn.name
+            )));
+        }
+        let l1 = self
+            .read_l1(sn.l1_table_offset, sn.l1_size)
+            .map_err(|e| e.context(format!("L1 table of snapshot {:?}", sn.name)))?;
+        self.l1 = l1;
+        self.hc.header.size = size;
+        Ok(self)
     }
 }
 
@@ -183,6 +252,34 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             0
         };
         Ok(L2Entry { raw, bitmap })
+    }
+
+    /// The L2 entries of up to `max` guest clusters from the cluster at `guest` (cluster
+    /// aligned), all inside one L2 table: one read for the lot. At least one entry when `max`
+    /// is not 0; unallocated entries where the L1 table has no L2 table.
+    fn entries_from(&self, guest: u64, max: u64) -> Result<Vec<L2Entry>> {
+        let h = self.image.header();
+        let span = h.l1_entry_span();
+        let l1_index = (guest / span) as usize;
+        let first = (guest % span) >> h.cluster_bits;
+        let count = max.min(h.l2_entries() - first).max(1);
+        let none = L2Entry { raw: 0, bitmap: 0 };
+        let l2 = self
+            .image
+            .l1
+            .get(l1_index)
+            .map(|e| e.l2_offset())
+            .unwrap_or(0);
+        if l2 == 0 {
+            return Ok(vec![none; count as usize]);
+        }
+        let geom = self.image.l2_geometry();
+        let size = geom.entry_size() as u64;
+        let mut bytes = vec![0u8; (count * size) as usize];
+        self.image.io.read_exact_at(&mut bytes, l2 + first * size)?;
+        Ok((0..count as usize)
+            .map(|i| geom.entry(&bytes, i).unwrap_or(none))
+            .collect())
     }
 
     fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -291,12 +388,49 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
             )));
         }
         let cs = self.image.cluster_size();
+        let geom = self.image.l2_geometry();
         let mut done = 0usize;
         while done < buf.len() {
+            // The entries of the clusters ahead (one read per L2 table slice); runs of clusters
+            // that are contiguous on the host are read with one read.
             let pos = offset + done as u64;
-            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
-            self.read_in_cluster(pos, buf.get_mut(done..done + n).unwrap_or_default())?;
-            done += n;
+            let cluster = pos & !(cs - 1);
+            let want = (offset + buf.len() as u64 - cluster).div_ceil(cs);
+            let entries = self.entries_from(cluster, want)?;
+            let mut i = 0usize;
+            while i < entries.len() && done < buf.len() {
+                let pos = offset + done as u64;
+                let within = pos % cs;
+                let n = ((cs - within) as usize).min(buf.len() - done);
+                let entry = entries
+                    .get(i)
+                    .copied()
+                    .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+                if let Mapping::Normal { host } = geom.mapping(entry)? {
+                    let mut len = n;
+                    let mut next = i + 1;
+                    while done + len < buf.len() {
+                        let Some(e) = entries.get(next) else { break };
+                        match geom.mapping(*e)? {
+                            Mapping::Normal { host: h } if h == host + (next - i) as u64 * cs => {
+                                len += (cs as usize).min(buf.len() - done - len);
+                                next += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    self.image.io.read_zero_fill(
+                        buf.get_mut(done..done + len).unwrap_or_default(),
+                        host + within,
+                    )?;
+                    done += len;
+                    i = next;
+                } else {
+                    self.read_in_cluster(pos, buf.get_mut(done..done + n).unwrap_or_default())?;
+                    done += n;
+                    i += 1;
+                }
+            }
         }
         Ok(())
     }
@@ -536,9 +670,90 @@ impl<IO: BlockIo> Qcow2Disk<IO> {
     }
 }
 
+/// How one cluster of a layer reads, for [`GuestRead::extent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClusterKind {
+    /// The layer holds (some) data.
+    Data,
+    /// Zeroes, whatever the backing holds.
+    Zero,
+    /// Read from the backing.
+    Backing,
+}
+
+fn cluster_kind(mapping: Mapping) -> ClusterKind {
+    match mapping {
+        Mapping::Unallocated => ClusterKind::Backing,
+        Mapping::Zero { .. } => ClusterKind::Zero,
+        Mapping::Subclusters { alloc: 0, zero, .. } if zero == u32::MAX => ClusterKind::Zero,
+        Mapping::Subclusters {
+            alloc: 0, zero: 0, ..
+        } => ClusterKind::Backing,
+        Mapping::Normal { .. } | Mapping::Compressed { .. } | Mapping::Subclusters { .. } => {
+            ClusterKind::Data
+        }
+    }
+}
+
 impl<IO: BlockIo> GuestRead for Qcow2Disk<IO> {
     fn guest_size(&self) -> u64 {
         self.image.virtual_size()
+    }
+
+    /// Runs of whole clusters of the same kind, read one L2 table slice at a time; unallocated
+    /// runs are asked of the backing chain (zeroes without one).
+    fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        let size = self.image.virtual_size();
+        if offset >= size || len == 0 {
+            return Ok(Extent { data: false, len });
+        }
+        self.check_data_access()?;
+        let len = len.min(size - offset);
+        let cs = self.image.cluster_size();
+        let geom = self.image.l2_geometry();
+        let start = offset & !(cs - 1);
+        let end = offset + len;
+        let mut kind: Option<ClusterKind> = None;
+        let mut at = start;
+        'tables: while at < end {
+            let want = (end - at).div_ceil(cs);
+            for entry in self.entries_from(at, want)? {
+                let this = cluster_kind(geom.mapping(entry)?);
+                match kind {
+                    None => kind = Some(this),
+                    Some(k) if k == this => {}
+                    Some(_) => break 'tables,
+                }
+                at += cs;
+                if at >= end {
+                    break 'tables;
+                }
+            }
+        }
+        let run = at.min(end) - offset;
+        match kind.unwrap_or(ClusterKind::Backing) {
+            ClusterKind::Data => Ok(Extent {
+                data: true,
+                len: run,
+            }),
+            ClusterKind::Zero => Ok(Extent {
+                data: false,
+                len: run,
+            }),
+            ClusterKind::Backing => match &self.backing {
+                None => Ok(Extent {
+                    data: false,
+                    len: run,
+                }),
+                Some(b) => {
+                    let below = b.extent(offset, run)?;
+                    Ok(Extent {
+                        data: below.data,
+                        len: below.len.clamp(1, run),
+                    })
+                }
+            },
+        }
     }
     fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.image.virtual_size();
@@ -549,5 +764,119 @@ impl<IO: BlockIo> GuestRead for Qcow2Disk<IO> {
             return Ok(());
         }
         self.read(offset, head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{CreateOptions, create_image};
+    use crate::internal::SnapshotTime;
+    use snap_core::io::MemIo;
+
+    fn image(size: u64) -> MemIo {
+        let io = MemIo::new();
+        create_image(&io, &CreateOptions::new(size)).unwrap();
+        io
+    }
+
+    fn data_bytes(disk: &dyn GuestRead) -> u64 {
+        let size = disk.guest_size();
+        let mut at = 0;
+        let mut data = 0;
+        while at < size {
+            let e = disk.extent(at, size - at).unwrap();
+            assert!(e.len > 0 && e.len <= size - at);
+            if e.data {
+                data += e.len;
+            }
+            at += e.len;
+        }
+        data
+    }
+
+    #[test]
+    fn snapshot_views_read_the_snapshots_clusters() {
+        let io = image(4 << 20);
+        let mut disk = Qcow2Disk::new(Qcow2::open(io.clone(), true).unwrap(), None);
+        disk.write(0, &[0x11; 65536]).unwrap();
+        disk.write(3 << 20, &[0x22; 1000]).unwrap();
+        disk.image
+            .create_snapshot("s1", SnapshotTime { sec: 1, nsec: 0 })
+            .unwrap();
+        disk.write(0, &[0x33; 4096]).unwrap();
+        disk.write(1 << 20, &[0x44; 65536]).unwrap();
+        drop(disk);
+
+        let view = Qcow2::open(io.clone(), false)
+            .unwrap()
+            .into_snapshot_view("s1")
+            .unwrap();
+        let view = Qcow2Disk::new(view, None);
+        let mut buf = vec![0u8; 4 << 20];
+        view.read(0, &mut buf).unwrap();
+        assert!(buf[..65536].iter().all(|b| *b == 0x11));
+        assert!(buf[1 << 20..(1 << 20) + 65536].iter().all(|b| *b == 0));
+        assert!(buf[3 << 20..(3 << 20) + 1000].iter().all(|b| *b == 0x22));
+        assert_eq!(data_bytes(&view), 2 * 65536);
+
+        let current = Qcow2Disk::new(Qcow2::open(io.clone(), false).unwrap(), None);
+        current.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 0x33));
+        assert_eq!(data_bytes(&current), 3 * 65536);
+
+        // By id too; unknown names and writable images are refused.
+        assert!(
+            Qcow2::open(io.clone(), false)
+                .unwrap()
+                .into_snapshot_view("1")
+                .is_ok()
+        );
+        let missing = Qcow2::open(io.clone(), false)
+            .unwrap()
+            .into_snapshot_view("nope")
+            .unwrap_err();
+        assert_eq!(missing.kind(), snap_core::ErrorKind::NotFound);
+        assert!(
+            Qcow2::open(io.clone(), true)
+                .unwrap()
+                .into_snapshot_view("s1")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn extents_follow_the_backing_chain() {
+        let base = image(2 << 20);
+        let mut b = Qcow2Disk::new(Qcow2::open(base.clone(), true).unwrap(), None);
+        b.write(0, &[1; 65536]).unwrap();
+        b.write(1 << 20, &[2; 131072]).unwrap();
+        drop(b);
+        let top = image(4 << 20);
+        let lower: Box<dyn GuestRead> =
+            Box::new(Qcow2Disk::new(Qcow2::open(base, false).unwrap(), None));
+        let mut t = Qcow2Disk::new(Qcow2::open(top.clone(), true).unwrap(), Some(lower));
+        t.write(65536, &[3; 65536]).unwrap();
+        t.write(3 << 20, &[4; 65536]).unwrap();
+        // The base's data, the top's data; past the base's end only the top counts.
+        assert_eq!(data_bytes(&t), 65536 * 5);
+        let first = t.extent(0, 4 << 20).unwrap();
+        assert_eq!(
+            first,
+            Extent {
+                data: true,
+                len: 65536
+            }
+        );
+        let hole = t.extent(2 * 65536, 4 << 20).unwrap();
+        assert!(!hole.data);
+        assert_eq!(hole.len, (1 << 20) - 2 * 65536);
+        assert_eq!(
+            t.extent(100, 10).unwrap(),
+            Extent {
+                data: true,
+                len: 10
+            }
+        );
     }
 }

@@ -10,6 +10,7 @@
 //!   copy-on-write, so snapshot data never changes.
 //! - [`backend`]: the [`DiskBackend`](snap_core::DiskBackend) for qcow2 files, with QEMU-compatible
 //!   locking.
+//! - [`writer`]: a new standalone image written in one sequential pass (exports).
 #![cfg_attr(
     test,
     allow(
@@ -31,6 +32,7 @@ mod image;
 mod internal;
 pub mod online;
 mod txn;
+pub mod writer;
 
 pub use image::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2};
 pub use internal::SnapshotTime;
@@ -39,4 +41,5 @@ pub use backend::{
     LockedImage, Qcow2Backend, check_path, list_path, list_path_unlocked, open_image,
 };
 pub use check::CheckReport;
-pub use data::{GuestRead, Qcow2Disk, RawLayer};
+pub use data::{Extent, GuestRead, Qcow2Disk, RawLayer};
+pub use writer::SequentialWriter;

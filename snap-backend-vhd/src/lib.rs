@@ -7,6 +7,7 @@
 //!   from files by following parent locators under a [`ParentPolicy`].
 //! - [`ops`]: the snapshot operations on files (create --external, revert/delete --layer, list,
 //!   check), each under QEMU-compatible locks; [`check`] for consistency.
+//! - [`writer`]: a new dynamic VHD written in one sequential pass (exports).
 //! - [`VhdBackend`]: the [`DiskBackend`](snap_core::DiskBackend) for VHD files.
 #![cfg_attr(
     test,
@@ -24,6 +25,7 @@ pub mod check;
 pub mod format;
 pub mod image;
 pub mod ops;
+pub mod writer;
 
 pub use backend::{NO_INTERNAL, VhdBackend};
 pub use chain::{Chain, Layer, MAX_CHAIN_DEPTH, open_chain, open_chain_with};

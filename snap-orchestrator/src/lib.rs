@@ -15,6 +15,7 @@ pub mod clone;
 pub mod disk;
 pub mod domain;
 pub mod exec;
+pub mod export;
 pub mod hypervisor;
 pub mod layers;
 pub mod logging;

@@ -12,10 +12,12 @@
 //! The second part (`merge`, see [`merge`]) times deleting a layer of an external-snapshot chain
 //! against `qemu-img rebase` and `qemu-img commit`. The third (`pause`, see [`pause`]) measures the
 //! pause window of a live domain snapshot of the test guest. The fourth (`rbd`, see [`rbd`]) times
-//! RBD snapshots and clones on a one-node Ceph against qemu-img snapshot on qcow2.
-//! `--only snapshot|merge|pause|clone|rbd` runs one part.
+//! RBD snapshots and clones on a one-node Ceph against qemu-img snapshot on qcow2. `export` (see
+//! [`export`]) times `snapctl disk export` of a snapshot with 1 GiB of data against `qemu-img convert`.
+//! `--only snapshot|merge|pause|clone|rbd|export` runs one part.
 
 mod clone;
+mod export;
 mod merge;
 mod pause;
 mod rbd;
@@ -60,6 +62,8 @@ enum Part {
     Clone,
     /// RBD snapshots and clones on a one-node Ceph against qemu-img snapshot on qcow2.
     Rbd,
+    /// `snapctl disk export` of a snapshot against `qemu-img convert`.
+    Export,
 }
 
 /// Bounds of `--merge-data`: the chain must fit in its 64G image (mid's data ends at 1.5x).
@@ -88,6 +92,13 @@ pub fn run_bench(args: &[String]) -> Result {
     }
     if wants(Part::Clone) {
         outcomes.push(clone::run_clone(&workspace.target, &snapctl));
+    }
+    if wants(Part::Export) {
+        outcomes.push(export::run_export(
+            &workspace.target,
+            &snapctl,
+            options.runs,
+        ));
     }
     if wants(Part::Rbd) {
         outcomes.push(rbd::run_rbd(&workspace.target, &snapctl, options.runs));
@@ -205,9 +216,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     "pause" => Part::Pause,
                     "clone" => Part::Clone,
                     "rbd" => Part::Rbd,
+                    "export" => Part::Export,
                     _ => {
                         return Err(Failure::Usage(format!(
-                            "--only {part}: expected `snapshot`, `merge`, `pause`, `clone` or `rbd`"
+                            "--only {part}: expected `snapshot`, `merge`, `pause`, `clone`, `rbd` \
+                             or `export`"
                         )));
                     }
                 });
