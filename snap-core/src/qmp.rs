@@ -605,7 +605,9 @@ fn excerpt(bytes: &[u8]) -> String {
     }
 }
 
-fn parse_greeting(line: &[u8]) -> Result<Greeting> {
+/// Parses the greeting a QMP server sends first (`{"QMP": {"version": ..., "capabilities":
+/// [...]}}`); anything else is an [`ErrorKind::Io`] error quoting the line. Pure; never panics.
+pub fn parse_greeting(line: &[u8]) -> Result<Greeting> {
     let not_qmp = || {
         Error::new(
             ErrorKind::Io,
@@ -709,28 +711,80 @@ async fn reader_task(
     shared.close(&reason);
 }
 
-/// Routes one line from the server: a reply to its caller, an event to subscribers, anything
-/// else to the log.
-fn dispatch(line: &[u8], shared: &Shared, events: &broadcast::Sender<Event>) {
+/// One line received from a QMP server, as [`classify_line`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// An empty or all-whitespace line; ignored.
+    Blank,
+    /// A successful reply (`return`) to the command with this id.
+    Return {
+        /// The command's id (the client sends unsigned integers).
+        id: u64,
+        /// The `return` value as sent.
+        value: Value,
+    },
+    /// An error reply (`error`) to the command with this id.
+    Error {
+        /// The command's id.
+        id: u64,
+        /// The error class (`"UnknownError"` when the reply has none).
+        class: String,
+        /// The description (the whole `error` value as JSON when it has none).
+        desc: String,
+    },
+    /// A reply (`return` or `error`) without an id of ours (none, or not an unsigned
+    /// integer): e.g. the server could not parse a command, so it could not echo its id.
+    ReplyWithoutId,
+    /// An event (an object whose `event` member is a string).
+    Event(Event),
+    /// An object with a `QMP` member: a greeting, which only the first line may be.
+    Greeting,
+    /// Valid JSON that is not an object.
+    NotObject,
+    /// Not valid JSON (the parser's message).
+    Malformed(String),
+    /// An object that is none of the above.
+    Unknown,
+}
+
+/// Classifies one line received from a QMP server (without its newline). Pure: no I/O, no
+/// state; never panics, whatever the bytes. The reader task routes the result: replies go to
+/// the caller waiting on their id, events to subscribers, everything else to the log.
+///
+/// The rules, in order: a blank line is [`Message::Blank`]; bytes that are not JSON are
+/// [`Message::Malformed`], JSON that is not an object [`Message::NotObject`]; an object whose
+/// `event` is a string is an [`Message::Event`] (`data` missing or null becomes `{}`, a
+/// `timestamp` that is not `{"seconds", "microseconds"}` integers is dropped, other members are
+/// kept in [`Event::extra`]); else one with `return` or `error` is a reply — to the command
+/// whose unsigned integer `id` it carries ([`Message::Return`], [`Message::Error`]), or
+/// [`Message::ReplyWithoutId`]; else one with `QMP` is a [`Message::Greeting`]; anything else
+/// is [`Message::Unknown`]. Unknown members never matter.
+///
+/// ```
+/// use snap_core::qmp::{Message, classify_line};
+///
+/// let reply = classify_line(br#"{"return": {}, "id": 3}"#);
+/// assert_eq!(reply, Message::Return { id: 3, value: serde_json::json!({}) });
+/// assert!(matches!(
+///     classify_line(br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}"#),
+///     Message::Event(e) if e.name == "STOP"
+/// ));
+/// assert_eq!(classify_line(b"[1, 2]"), Message::NotObject);
+/// ```
+pub fn classify_line(line: &[u8]) -> Message {
     if line.iter().all(u8::is_ascii_whitespace) {
-        return;
+        return Message::Blank;
     }
     let mut obj = match serde_json::from_slice::<Value>(line) {
         Ok(Value::Object(obj)) => obj,
-        Ok(_) => {
-            tracing::warn!(line = %excerpt(line), "QMP: skipped a message that is not an object");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, line = %excerpt(line), "QMP: skipped malformed JSON");
-            return;
-        }
+        Ok(_) => return Message::NotObject,
+        Err(e) => return Message::Malformed(e.to_string()),
     };
 
     if let Some(Value::String(_)) = obj.get("event") {
         let name = match obj.remove("event") {
             Some(Value::String(name)) => name,
-            _ => return,
+            _ => return Message::Unknown,
         };
         let data = match obj.remove("data") {
             Some(Value::Null) | None => Value::Object(Map::new()),
@@ -739,40 +793,75 @@ fn dispatch(line: &[u8], shared: &Shared, events: &broadcast::Sender<Event>) {
         let timestamp = obj
             .remove("timestamp")
             .and_then(|t| EventTimestamp::deserialize(&t).ok());
-        let event = Event {
+        return Message::Event(Event {
             name,
             data,
             timestamp,
             extra: obj,
-        };
-        tracing::trace!(event = %event.name, "QMP <- event");
-        // No subscribers is fine: the event is simply not wanted.
-        let _ = events.send(event);
-        return;
+        });
     }
 
-    let reply = if let Some(value) = obj.remove("return") {
-        Reply::Return(value)
-    } else if let Some(err) = obj.remove("error") {
+    let id = obj.get("id").and_then(Value::as_u64);
+    if let Some(value) = obj.remove("return") {
+        return match id {
+            Some(id) => Message::Return { id, value },
+            None => Message::ReplyWithoutId,
+        };
+    }
+    if let Some(err) = obj.remove("error") {
+        let Some(id) = id else {
+            return Message::ReplyWithoutId;
+        };
         let field = |k: &str| err.get(k).and_then(Value::as_str).map(str::to_string);
-        Reply::Error {
+        return Message::Error {
+            id,
             class: field("class").unwrap_or_else(|| "UnknownError".to_string()),
             desc: field("desc").unwrap_or_else(|| err.to_string()),
-        }
-    } else if obj.contains_key("QMP") {
-        tracing::warn!("QMP: skipped a second greeting");
-        return;
+        };
+    }
+    if obj.contains_key("QMP") {
+        Message::Greeting
     } else {
-        tracing::warn!(line = %excerpt(line), "QMP: skipped an unknown message");
-        return;
-    };
+        Message::Unknown
+    }
+}
 
-    let Some(id) = obj.get("id").and_then(Value::as_u64) else {
-        tracing::warn!(
-            line = %excerpt(line),
-            "QMP: skipped a reply without an id of ours (the server could not parse a command?)"
-        );
-        return;
+/// Routes one line from the server ([`classify_line`]): a reply to its caller, an event to
+/// subscribers, anything else to the log.
+fn dispatch(line: &[u8], shared: &Shared, events: &broadcast::Sender<Event>) {
+    let (id, reply) = match classify_line(line) {
+        Message::Blank => return,
+        Message::NotObject => {
+            tracing::warn!(line = %excerpt(line), "QMP: skipped a message that is not an object");
+            return;
+        }
+        Message::Malformed(error) => {
+            tracing::warn!(%error, line = %excerpt(line), "QMP: skipped malformed JSON");
+            return;
+        }
+        Message::Event(event) => {
+            tracing::trace!(event = %event.name, "QMP <- event");
+            // No subscribers is fine: the event is simply not wanted.
+            let _ = events.send(event);
+            return;
+        }
+        Message::Greeting => {
+            tracing::warn!("QMP: skipped a second greeting");
+            return;
+        }
+        Message::Unknown => {
+            tracing::warn!(line = %excerpt(line), "QMP: skipped an unknown message");
+            return;
+        }
+        Message::ReplyWithoutId => {
+            tracing::warn!(
+                line = %excerpt(line),
+                "QMP: skipped a reply without an id of ours (the server could not parse a command?)"
+            );
+            return;
+        }
+        Message::Return { id, value } => (id, Reply::Return(value)),
+        Message::Error { id, class, desc } => (id, Reply::Error { class, desc }),
     };
     let waiter = shared.lock().waiting.remove(&id);
     match waiter {
@@ -863,6 +952,71 @@ mod tests {
                 microseconds: 2
             })
         );
+    }
+
+    #[test]
+    fn classify_line_rules() {
+        use serde_json::json;
+        assert_eq!(classify_line(b""), Message::Blank);
+        assert_eq!(classify_line(b" \t\r"), Message::Blank);
+        assert!(matches!(classify_line(b"{not json"), Message::Malformed(_)));
+        assert!(matches!(classify_line(b"\xff\xfe"), Message::Malformed(_)));
+        assert_eq!(classify_line(b"42"), Message::NotObject);
+        assert_eq!(classify_line(br#""event""#), Message::NotObject);
+        assert_eq!(
+            classify_line(br#"{"return": [1], "id": 9, "extra": true}"#),
+            Message::Return {
+                id: 9,
+                value: json!([1])
+            }
+        );
+        assert_eq!(
+            classify_line(br#"{"error": {"class": "GenericError", "desc": "no"}, "id": 2}"#),
+            Message::Error {
+                id: 2,
+                class: "GenericError".into(),
+                desc: "no".into()
+            }
+        );
+        assert_eq!(
+            classify_line(br#"{"error": 5, "id": 2}"#),
+            Message::Error {
+                id: 2,
+                class: "UnknownError".into(),
+                desc: "5".into()
+            }
+        );
+        for no_id in [
+            &br#"{"return": {}}"#[..],
+            br#"{"return": {}, "id": -1}"#,
+            br#"{"return": {}, "id": "x"}"#,
+            br#"{"error": {}, "id": 1.5}"#,
+        ] {
+            assert_eq!(classify_line(no_id), Message::ReplyWithoutId);
+        }
+        // An event wins over everything else; a non-string event name does not make an event.
+        let Message::Event(ev) =
+            classify_line(br#"{"event": "X", "return": 1, "id": 1, "data": null, "timestamp": 3}"#)
+        else {
+            panic!("not an event");
+        };
+        assert_eq!(ev.data, json!({}));
+        assert_eq!(ev.timestamp, None);
+        assert_eq!(ev.extra.len(), 2);
+        assert_eq!(
+            classify_line(br#"{"event": 1, "return": 2, "id": 3}"#),
+            Message::Return {
+                id: 3,
+                value: json!(2)
+            }
+        );
+        assert_eq!(classify_line(br#"{"event": 1}"#), Message::Unknown);
+        assert_eq!(classify_line(br#"{"QMP": 1}"#), Message::Greeting);
+        assert_eq!(
+            classify_line(br#"{"return": 1, "QMP": {}}"#),
+            Message::ReplyWithoutId
+        );
+        assert_eq!(classify_line(br#"{}"#), Message::Unknown);
     }
 
     #[test]

@@ -78,22 +78,10 @@ impl GuestAgent {
             if n == 0 {
                 return Err(Error::new(ErrorKind::Io, "guest agent: connection closed"));
             }
-            // Drop delimiter bytes and anything before them.
-            if let Some(pos) = buf.iter().rposition(|b| *b == 0xff) {
-                buf.drain(..=pos);
+            match decode_line(&buf) {
+                None => buf.clear(),
+                Some(reply) => return reply,
             }
-            let text = String::from_utf8_lossy(&buf);
-            let text = text.trim();
-            if text.is_empty() {
-                buf.clear();
-                continue;
-            }
-            return serde_json::from_str(text).map_err(|e| {
-                Error::new(
-                    ErrorKind::Command,
-                    format!("guest agent: unreadable reply: {e}"),
-                )
-            });
         }
     }
 
@@ -101,8 +89,7 @@ impl GuestAgent {
         self.send("guest-sync-delimited", Some(json!({"id": id})))
             .await?;
         loop {
-            let reply = self.read_line().await?;
-            if reply.get("return").and_then(Value::as_u64) == Some(id) {
+            if is_sync_reply(&self.read_line().await?, id) {
                 return Ok(());
             }
         }
@@ -118,19 +105,15 @@ impl GuestAgent {
         let exchange = async {
             self.send(command, args).await?;
             loop {
-                let reply = self.read_line().await?;
-                if let Some(value) = reply.get("return") {
-                    return Ok(value.clone());
-                }
-                if let Some(err) = reply.get("error") {
-                    let desc = err
-                        .get("desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no description");
-                    return Err(Error::new(
-                        ErrorKind::Command,
-                        format!("guest agent: {command} failed: {desc}"),
-                    ));
+                match classify_reply(&self.read_line().await?) {
+                    AgentReply::Return(value) => return Ok(value.clone()),
+                    AgentReply::Error(desc) => {
+                        return Err(Error::new(
+                            ErrorKind::Command,
+                            format!("guest agent: {command} failed: {desc}"),
+                        ));
+                    }
+                    AgentReply::Other => {}
                 }
             }
         };
@@ -156,5 +139,100 @@ impl GuestAgent {
             .execute("guest-fsfreeze-thaw", None, Duration::from_secs(60))
             .await?;
         Ok(thawed.as_u64().unwrap_or(0))
+    }
+}
+
+/// Decodes one line read from the agent (up to and including its newline, or cut at the length
+/// limit). Pure; never panics. Everything up to the last 0xFF byte is dropped (the delimiter
+/// `guest-sync-delimited` asks for, and whatever stale bytes came before it); `None` when
+/// nothing but whitespace is left (the caller reads the next line); otherwise the JSON value,
+/// or an [`ErrorKind::Command`] error for text that is not JSON.
+pub fn decode_line(line: &[u8]) -> Option<Result<Value>> {
+    let start = line
+        .iter()
+        .rposition(|b| *b == 0xff)
+        .map_or(0, |pos| pos + 1);
+    let text = String::from_utf8_lossy(line.get(start..).unwrap_or_default());
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    Some(serde_json::from_str(text).map_err(|e| {
+        Error::new(
+            ErrorKind::Command,
+            format!("guest agent: unreadable reply: {e}"),
+        )
+    }))
+}
+
+/// What a decoded agent reply is, as [`classify_reply`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentReply<'a> {
+    /// A `return` member: the command's result.
+    Return(&'a Value),
+    /// An `error` member (and no `return`): its `desc`, or `"no description"`.
+    Error(&'a str),
+    /// Anything else (not an object, or neither member): skipped by the reader.
+    Other,
+}
+
+/// Classifies a decoded reply: `return` first, then `error`, else [`AgentReply::Other`]. Pure.
+pub fn classify_reply(reply: &Value) -> AgentReply<'_> {
+    if let Some(value) = reply.get("return") {
+        return AgentReply::Return(value);
+    }
+    match reply.get("error") {
+        Some(err) => AgentReply::Error(
+            err.get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("no description"),
+        ),
+        None => AgentReply::Other,
+    }
+}
+
+/// Whether `reply` answers `guest-sync-delimited` with `id` (its `return` is that integer).
+pub fn is_sync_reply(reply: &Value, id: u64) -> bool {
+    matches!(classify_reply(reply), AgentReply::Return(value) if value.as_u64() == Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_decoded_after_the_last_delimiter() {
+        assert!(decode_line(b"").is_none());
+        assert!(decode_line(b" \r\n").is_none());
+        assert!(decode_line(b"{\"return\": 1}\xff \n").is_none());
+        let v = decode_line(b"garbage\xff{\"return\": 7}\n")
+            .unwrap()
+            .unwrap();
+        assert!(is_sync_reply(&v, 7));
+        assert!(!is_sync_reply(&v, 8));
+        let err = decode_line(b"{\"return\"").unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Command);
+        // Invalid UTF-8 outside the JSON text is replaced, inside a string it is kept lossy.
+        let v = decode_line(b"{\"return\": \"\xc3(\"}").unwrap().unwrap();
+        assert_eq!(classify_reply(&v), AgentReply::Return(&json!("\u{fffd}(")));
+    }
+
+    #[test]
+    fn replies_are_classified() {
+        assert_eq!(
+            classify_reply(&json!({"return": {}, "error": {"desc": "x"}})),
+            AgentReply::Return(&json!({}))
+        );
+        assert_eq!(
+            classify_reply(&json!({"error": {"class": "GenericError", "desc": "frozen"}})),
+            AgentReply::Error("frozen")
+        );
+        assert_eq!(
+            classify_reply(&json!({"error": "x"})),
+            AgentReply::Error("no description")
+        );
+        assert_eq!(classify_reply(&json!([1])), AgentReply::Other);
+        assert_eq!(classify_reply(&json!({"event": "x"})), AgentReply::Other);
+        assert!(!is_sync_reply(&json!({"return": -1}), 0));
     }
 }
