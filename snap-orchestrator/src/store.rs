@@ -570,16 +570,7 @@ impl DomainLock {
         bytes.push(b'\n');
         let tmp = self.dir.join(format!("{file}.tmp"));
         let path = self.dir.join(file);
-        remove_if_present(&tmp)?;
-        let written = write_synced(&tmp, &bytes)
-            .and_then(|()| {
-                fs::rename(&tmp, &path).map_err(|e| Error::io("replace", e).with_path(&path))
-            })
-            .and_then(|()| sync_dir(&self.dir));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written
+        replace_atomically(&mut RealSteps, &self.dir, &tmp, &path, &bytes)
     }
 
     /// Reads `FILE` of the domain folder saved by [`save_file`](DomainLock::save_file); `None`
