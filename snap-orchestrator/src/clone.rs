@@ -278,11 +278,7 @@ pub async fn clone(
 
 /// A clone's config: the snapshot's, renamed, with a fresh UUID and MACs, its own console file
 /// and its own overlays.
-fn clone_config(
-    snap: &SnapshotRecord,
-    clone: &str,
-    disks: &[CloneDisk],
-) -> Result<DomainConfig> {
+fn clone_config(snap: &SnapshotRecord, clone: &str, disks: &[CloneDisk]) -> Result<DomainConfig> {
     let mut config = snap.config.clone();
     config.name = clone.to_string();
     config.uuid = Some(random_uuid()?);
