@@ -2,7 +2,12 @@
 //! Xen (CI): every command that needs the Xen driver fails with exit status 1 and one line
 //! `snapctl: error: ...` that names the problem — never a panic (101) or an abort. Built without
 //! the feature: the same, saying so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::Path;
 use std::process::{Command, Output};
