@@ -120,6 +120,8 @@ pub async fn clone(
 
     // What each disk of a clone sits on.
     let mut bases: Vec<(String, Backend, PathBuf)> = Vec::new();
+    // Internal snapshots to export first: (image, snapshot, base file).
+    let mut exports: Vec<(PathBuf, String, PathBuf)> = Vec::new();
     for d in &snap.disks {
         let backend = Backend::parse(&d.backend)?;
         match (d.kind, backend) {
@@ -134,12 +136,13 @@ pub async fn clone(
                 bases.push((d.vdev.clone(), backend, d.path.clone()));
             }
             (DiskKind::Internal, Backend::Qcow2) => {
-                return Err(Error::unsupported(format!(
-                    "disk {}: snapshot {name} is an internal qcow2 snapshot; clones sit on \
-                     frozen layers — take an external snapshot (`snapshot create {domain} NAME \
-                     --external`) to clone from",
-                    d.vdev
-                )));
+                // Clones cannot sit on an internal snapshot: its state is exported once to a
+                // read-only base beside the image, which all clones of it share.
+                let base = internal_base(&d.path, name);
+                bases.push((d.vdev.clone(), backend, base.clone()));
+                if !base.exists() {
+                    exports.push((d.path.clone(), name.to_string(), base));
+                }
             }
             (_, Backend::Lvm) => {
                 return Err(Error::unsupported(format!(
@@ -206,6 +209,14 @@ pub async fn clone(
         return Ok(0);
     }
 
+    for (image, snapshot, base) in &exports {
+        export_base(image, snapshot, base).await?;
+        println!(
+            "exported internal snapshot {snapshot} of {} to the shared base {}",
+            image.display(),
+            base.display()
+        );
+    }
     let driver = ctx.driver_for(&gold)?;
     let mut registry = CloneRegistry::load(&lock)?;
     let mut made = Vec::new();
@@ -274,6 +285,43 @@ pub async fn clone(
         );
     }
     Ok(0)
+}
+
+/// The shared base clones of internal snapshot `snapshot` of `image` sit on:
+/// `DIR/STEM.SNAPSHOT.base.qcow2`.
+fn internal_base(image: &Path, snapshot: &str) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk".into());
+    image.with_file_name(format!("{stem}.{snapshot}.base.qcow2"))
+}
+
+/// Exports an internal snapshot's view to a new standalone qcow2 `base` (read-only for
+/// everyone: mode 0400; clones open it read-only through their overlays).
+async fn export_base(image: &Path, snapshot: &str, base: &Path) -> Result<()> {
+    let (image, snapshot, base) = (
+        image.to_path_buf(),
+        snapshot.to_string(),
+        base.to_path_buf(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let view =
+            crate::export::SourceView::open(&image, &crate::export::ViewSpec::Snapshot(snapshot))?;
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        crate::export::export_view(
+            &view,
+            &base,
+            crate::export::OutputFormat::Qcow2,
+            &mut |_, _| {},
+            &cancel,
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o400))
+            .map_err(|e| Error::io("make the base read-only", e).with_path(&base))
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))?
 }
 
 /// A clone's config: the snapshot's, renamed, with a fresh UUID and MACs, its own console file

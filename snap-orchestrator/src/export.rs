@@ -766,7 +766,7 @@ pub fn export_view(
             "a VHD holds at most 2 TiB; export this disk as qcow2 or raw",
         ));
     }
-    let (guard, file) = NewFile::create(out, 0o644)?;
+    let (guard, file) = NewFile::create(out, 0o600)?;
     let _lock = ImageLock::acquire(&file, out, LockMode::Exclusive)?;
     let writeback = file
         .try_clone()

@@ -145,28 +145,68 @@ fn three_clones_of_a_live_snapshot_resume_from_it_and_share_the_gold_layer() {
 }
 
 #[test]
-fn clones_of_internal_snapshots_and_taken_names_are_refused() {
+fn clones_of_an_internal_snapshot_share_an_exported_base_and_bad_requests_are_refused() {
     if !have_qemu_system() {
         return;
     }
     let lab = DomainLab::new();
     let disk = lab.path("i.qcow2");
     qemu_img(["create", "-q", "-f", "qcow2", p(&disk), "16M"]).ok();
+    write_patterns(&disk, &[Pattern::new(0, 1 << 20, 0x11)]);
     let cfg = lab.write_cfg("i", &plain_cfg("i", &[("xvda", "qcow2", &disk)]));
     lab.start(&cfg, "i");
     lab.ok(&["domain", "destroy", "i"]);
     lab.ok(&["snapshot", "create", "i", "int"]);
-    let r = lab.snapctl(["snapshot", "clone", "i", "int", "c"]);
-    assert_error_line(&r);
-    assert!(r.stderr.contains("external"), "{}", r.describe());
+    write_patterns(&disk, &[Pattern::new(0, 1 << 20, 0x22)]);
+
+    // Clones of an internal snapshot: its state is exported once to a shared read-only base.
+    let r = lab.ok(&[
+        "snapshot",
+        "clone",
+        "i",
+        "int",
+        "c",
+        "--count",
+        "2",
+        "--shutoff",
+    ]);
+    assert!(
+        r.stdout.contains("exported internal snapshot int"),
+        "{}",
+        r.describe()
+    );
+    let base = lab.path("i.int.base.qcow2");
+    assert!(base.exists());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&base).unwrap().permissions().mode() & 0o777,
+        0o400
+    );
+    for clone in ["c-1", "c-2"] {
+        assert_eq!(lab.state_of(clone), "shutoff");
+        let overlay = lab.active(clone, "xvda");
+        assert_eq!(qemu_info(&overlay)["backing-filename"], "i.int.base.qcow2");
+        verify_patterns(&overlay, &[Pattern::new(0, 1 << 20, 0x11)], clone);
+        assert_qemu_clean(&overlay, clone);
+    }
+    // A second clone run reuses the base.
+    let r = lab.ok(&["snapshot", "clone", "i", "int", "d", "--shutoff"]);
+    assert!(!r.stdout.contains("exported"), "{}", r.describe());
+
+    // Refusals: a taken name, a bad count, an unknown snapshot.
     lab.ok(&["snapshot", "create", "i", "ext", "--external"]);
-    let r = lab.snapctl(["snapshot", "clone", "i", "ext", "i"]);
-    assert_error_line(&r);
-    let r = lab.snapctl(["snapshot", "clone", "i", "ext", "c", "--count", "0"]);
-    assert_error_line(&r);
-    // A shut-off clone: defined, its overlay on the frozen layer, not started.
-    lab.ok(&["snapshot", "clone", "i", "ext", "c", "--shutoff"]);
-    assert_eq!(lab.state_of("c"), "shutoff");
-    let overlay = lab.active("c", "xvda");
+    for args in [
+        vec!["snapshot", "clone", "i", "ext", "i"],
+        vec!["snapshot", "clone", "i", "ext", "c-1"],
+        vec!["snapshot", "clone", "i", "ext", "e", "--count", "0"],
+        vec!["snapshot", "clone", "i", "nope", "e"],
+    ] {
+        let r = lab.snapctl(&args);
+        assert_error_line(&r);
+    }
+    // A shut-off clone of the external snapshot: its overlay sits on the frozen layer.
+    lab.ok(&["snapshot", "clone", "i", "ext", "e", "--shutoff"]);
+    assert_eq!(lab.state_of("e"), "shutoff");
+    let overlay = lab.active("e", "xvda");
     assert_eq!(qemu_info(&overlay)["backing-filename"], "i.qcow2");
 }
