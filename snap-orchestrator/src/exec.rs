@@ -338,6 +338,39 @@ pub struct Journal {
     pub done: usize,
 }
 
+impl Journal {
+    /// A journal for `operation` on `snapshot`, nothing done yet.
+    pub fn new(operation: &str, snapshot: &str, was_running: bool, steps: Vec<Step>) -> Journal {
+        Journal {
+            operation: operation.to_string(),
+            snapshot: snapshot.to_string(),
+            started: now(),
+            was_running,
+            steps,
+            done: 0,
+        }
+    }
+}
+
+/// Runs a revert's or a delete's plan to its end; a failing step leaves the journal, and the
+/// error says that the next snapctl on the domain finishes the operation.
+pub async fn finish(
+    lock: &DomainLock,
+    rec: DomainRecord,
+    driver: Box<dyn Hypervisor>,
+    journal: Journal,
+) -> Result<DomainRecord> {
+    let (operation, domain) = (journal.operation.clone(), rec.name.clone());
+    let mut exec = Exec::new(lock, rec, driver, None, journal);
+    exec.run(0).await.map_err(|(index, e)| {
+        e.context(format!(
+            "step {} of the {operation}; run any snapctl command on domain {domain} to finish it",
+            index + 1
+        ))
+    })?;
+    Ok(exec.rec)
+}
+
 /// The test hook: exit at once before or after step `index`.
 fn crash_point(when: &str, index: usize) {
     if let Ok(spec) = std::env::var("SNAPCTL_TEST_CRASH")

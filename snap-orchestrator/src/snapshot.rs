@@ -428,14 +428,7 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
     } else {
         None
     };
-    let journal = Journal {
-        operation: "create".into(),
-        snapshot: name.to_string(),
-        started: exec::now(),
-        was_running: state == LiveState::Running,
-        steps,
-        done: 0,
-    };
+    let journal = Journal::new("create", name, state == LiveState::Running, steps);
     let last_disk = journal
         .steps
         .iter()
@@ -667,21 +660,8 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
         plan.print(&format!("snapshot revert {domain} {name}"));
         return Ok(0);
     }
-    let journal = Journal {
-        operation: "revert".into(),
-        snapshot: name.to_string(),
-        started: exec::now(),
-        was_running: state == LiveState::Running,
-        steps,
-        done: 0,
-    };
-    let mut exec = Exec::new(&lock, rec, driver, None, journal);
-    exec.run(0).await.map_err(|(index, e)| {
-        e.context(format!(
-            "step {} of the revert; run any snapctl command on domain {domain} to finish it",
-            index + 1
-        ))
-    })?;
+    let journal = Journal::new("revert", name, state == LiveState::Running, steps);
+    exec::finish(&lock, rec, driver, journal).await?;
     println!(
         "domain {domain} reverted to snapshot {name}; it is {}",
         match target {
@@ -768,14 +748,7 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
             plan.print(&format!("snapshot delete {domain} {name} --metadata-only"));
             return Ok(0);
         }
-        let journal = Journal {
-            operation: "delete".into(),
-            snapshot: name.to_string(),
-            started: exec::now(),
-            was_running: state == LiveState::Running,
-            steps,
-            done: 0,
-        };
+        let journal = Journal::new("delete", name, state == LiveState::Running, steps);
         Exec::new(&lock, rec, driver, None, journal)
             .run(0)
             .await
@@ -1002,21 +975,8 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
         plan.print(&format!("snapshot delete {domain} {name}"));
         return Ok(0);
     }
-    let journal = Journal {
-        operation: "delete".into(),
-        snapshot: name.to_string(),
-        started: exec::now(),
-        was_running: state == LiveState::Running,
-        steps,
-        done: 0,
-    };
-    let mut exec = Exec::new(&lock, rec, driver, None, journal);
-    exec.run(0).await.map_err(|(index, e)| {
-        e.context(format!(
-            "step {} of the delete; run any snapctl command on domain {domain} to finish it",
-            index + 1
-        ))
-    })?;
+    let journal = Journal::new("delete", name, state == LiveState::Running, steps);
+    exec::finish(&lock, rec, driver, journal).await?;
     for t in &targets {
         println!("deleted snapshot {t} of domain {domain}");
     }

@@ -2,6 +2,7 @@
 //! step against QEMU's own tools. Any surprise stops the tour with an error (and keeps the scratch
 //! directory for a look).
 
+use crate::counter::{console_counters, read_counter, wait_counter, wait_new_counter};
 use crate::proc::{TempDir, Workspace, capture, display, run};
 use crate::sysdeps::ensure_qemu_tools;
 use crate::{Result, no_args};
@@ -157,7 +158,7 @@ impl Tour {
         self.say("Start the domain from its xl.cfg with the qemu driver and wait for the guest to count.");
         run(domain(&["domain", "start", "demo-vm.cfg"]))?;
         let result = (|| {
-            let seen = wait_counter(&console, 10, 0)?;
+            let seen = wait_counter(&console, 10)?;
             println!("(the guest's console says: counter {seen})");
             run(domain(&["domain", "list"]))?;
 
@@ -179,7 +180,7 @@ impl Tour {
             );
 
             self.say("Let the guest run on, and take a second snapshot.");
-            let later = wait_counter(&console, frozen + 20, 0)?;
+            let later = wait_counter(&console, frozen + 20)?;
             println!("(the guest is at counter {later} now)");
             run(domain(&[
                 "snapshot",
@@ -265,76 +266,6 @@ impl Tour {
         check_listing(&String::from_utf8_lossy(&output.stdout), expected)
             .map_err(|why| format!("`{}`: {why}", display(&list)))
     }
-}
-
-/// The `counter N` values on a console log, in order.
-fn console_counters(console: &Path) -> Vec<u64> {
-    let text = std::fs::read(console).unwrap_or_default();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| {
-            let at = l.find("counter ")?;
-            l.get(at + 8..)?.split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-/// Waits (up to 120 s) for the console's counter to reach `at_least` (0: any); returns it.
-fn wait_counter(console: &Path, at_least: u64, _unused: u64) -> std::result::Result<u64, String> {
-    let start = std::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(120) {
-        if let Some(last) = console_counters(console).last().copied()
-            && last >= at_least
-        {
-            return Ok(last);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Err(format!(
-        "the guest's counter did not reach {at_least} within 120 s (console {})",
-        console.display()
-    ))
-}
-
-/// Waits for the reverted guest's first counter: the first one after the first `seen` that is
-/// lower than the one before it (the old guest may print a few more lines before it stops).
-fn wait_new_counter(console: &Path, seen: usize) -> std::result::Result<u64, String> {
-    let start = std::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(120) {
-        let all = console_counters(console);
-        let drop = (seen.max(1)..all.len()).find(
-            |&i| matches!((all.get(i), all.get(i - 1)), (Some(now), Some(before)) if now < before),
-        );
-        if let Some(first) = drop.and_then(|i| all.get(i)) {
-            return Ok(*first);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Err("the reverted guest printed nothing".to_string())
-}
-
-/// The counter in sector 0 of a qcow2 image (read with `qemu-img dd -U`).
-fn read_counter(dir: &Path, image: &str) -> std::result::Result<u64, String> {
-    let out = dir.join("sector0.raw");
-    let _ = std::fs::remove_file(&out);
-    run(Command::new("qemu-img").current_dir(dir).args([
-        "dd",
-        "-U",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "bs=512",
-        "count=1",
-        &format!("if={image}"),
-        "of=sector0.raw",
-    ]))?;
-    let bytes = std::fs::read(&out).map_err(|e| format!("read {}: {e}", out.display()))?;
-    let text = String::from_utf8_lossy(&bytes);
-    text.strip_prefix("counter ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no counter in sector 0 of {image}"))
 }
 
 /// Checks `disk list --json` output: one object with format qcow2, our virtual size, and exactly

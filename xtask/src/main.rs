@@ -11,6 +11,7 @@
 //!   `target/guest/` (or `$SNAPCTL_GUEST_DIR`).
 
 mod bench;
+mod counter;
 mod demo;
 mod fuzz;
 mod guest;

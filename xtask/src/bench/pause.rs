@@ -8,11 +8,12 @@
 //! Every snapshot is checked: its frozen layer holds the guest's counter, and the guest runs on
 //! afterwards.
 
+use crate::counter::{console_counters, read_counter, wait_counter};
 use crate::proc::{TempDir, capture, run};
 use crate::{Failure, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const TARGET_MS: f64 = 50.0;
 const MEMORY_MIB: u64 = 256;
@@ -91,47 +92,6 @@ impl Lab {
     }
 }
 
-fn counters(console: &Path) -> Vec<u64> {
-    let text = std::fs::read(console).unwrap_or_default();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| {
-            let at = l.find("counter ")?;
-            l.get(at + 8..)?.split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-fn wait_counter(console: &Path, at_least: u64) -> std::result::Result<u64, String> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(120) {
-        if let Some(last) = counters(console).last().copied()
-            && last >= at_least
-        {
-            return Ok(last);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!(
-        "the guest's counter did not reach {at_least} within 120 s"
-    ))
-}
-
-fn disk_counter(dir: &Path, layer: &str) -> std::result::Result<u64, String> {
-    let out = dir.join("sector0.raw");
-    let _ = std::fs::remove_file(&out);
-    run(Command::new("qemu-img")
-        .args(["dd", "-U", "-f", "qcow2", "-O", "raw", "bs=512", "count=1"])
-        .arg(format!("if={layer}"))
-        .arg(format!("of={}", out.display())))?;
-    let bytes = std::fs::read(&out).map_err(|e| format!("read {}: {e}", out.display()))?;
-    String::from_utf8_lossy(&bytes)
-        .strip_prefix("counter ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no counter in sector 0 of {layer}"))
-}
-
 fn measure(lab: &Lab, console: &Path, dir: &Path, runs: usize) -> Result {
     let boot = Instant::now();
     wait_counter(console, 5)?;
@@ -142,7 +102,7 @@ fn measure(lab: &Lab, console: &Path, dir: &Path, runs: usize) -> Result {
     let mut live = Vec::new();
     for i in 1..=runs {
         let name = format!("live{i}");
-        let before = counters(console).last().copied().unwrap_or(0);
+        let before = console_counters(console).last().copied().unwrap_or(0);
         wait_counter(console, before + 5)?;
         lab.run(&[
             "snapshot",
@@ -160,7 +120,7 @@ fn measure(lab: &Lab, console: &Path, dir: &Path, runs: usize) -> Result {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let frozen = disk_counter(dir, &layer)?;
+        let frozen = read_counter(dir, &layer)?;
         let after = wait_counter(console, frozen + 3)?;
         println!(
             "  {name}: pause window {window:.1} ms (frozen counter {frozen}, guest at {after} after)"
