@@ -794,6 +794,43 @@ impl RbdBackend {
             .map_err(|e| self.image_error(&self.spec, e))
     }
 
+    /// What `rbd export SPEC -` of the image (or its snapshot `snapshot`) streams: the source
+    /// (`POOL/IMAGE[@SNAP]`) and its size in bytes. Checked now (unknown image or snapshot are
+    /// errors); the caller runs the stream (`rbd().command(...)`).
+    pub async fn export_stream(&self, snapshot: Option<&str>) -> Result<(RbdSpec, u64)> {
+        match snapshot {
+            Some(name) => {
+                let snaps = self.snaps_of(&self.spec).await?;
+                let snap = self.find(&snaps, name)?;
+                Ok((self.spec.at_snapshot(&snap.name)?, snap.size))
+            }
+            None => {
+                let info = self.info_of(&self.spec).await?;
+                Ok((self.spec.clone(), info.size))
+            }
+        }
+    }
+
+    /// The arguments of `rbd export-diff --from-snap SINCE SPEC -`: the changes since snapshot
+    /// `since` up to `snapshot` (or the image now) in rbd's diff format on stdout. Both checked
+    /// now.
+    pub async fn export_diff_args(
+        &self,
+        since: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let snaps = self.snaps_of(&self.spec).await?;
+        let from = self.find(&snaps, since)?.name.clone();
+        let source = self.export_source(snapshot).await?;
+        Ok(vec![
+            "export-diff".into(),
+            "--from-snap".into(),
+            from,
+            source.arg(),
+            "-".into(),
+        ])
+    }
+
     async fn export_source(&self, snapshot: Option<&str>) -> Result<RbdSpec> {
         match snapshot {
             Some(name) => {

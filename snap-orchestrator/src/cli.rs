@@ -194,11 +194,12 @@ pub enum DiskCommand {
     },
     /// Export a flat, standalone, sparse copy of a guest view: internal snapshot NAME, backing
     /// layer --layer PATH (the view through it), or the current view. The input format is
-    /// probed (qcow2, VHD); --format names the output's. Prints a checksum of the guest view.
+    /// probed (qcow2, VHD) or an RBD image (rbd:POOL/IMAGE...); --format names the output's.
+    /// Prints a checksum of the guest view.
     ///
     /// Example: snapctl disk export vm.qcow2 before-upgrade backup.qcow2
     #[command(
-        override_usage = "snapctl disk export IMAGE [NAME] OUT [--layer PATH] [--format qcow2|raw|vhd] [--json]"
+        override_usage = "snapctl disk export IMAGE [NAME] OUT [--layer PATH] [--format qcow2|raw|vhd] [--json]\n       snapctl disk export rbd:POOL/IMAGE [NAME] OUT --since SNAP [--json]"
     )]
     Export {
         /// IMAGE [NAME] OUT: the image, the internal snapshot (optional) and the new file.
@@ -207,9 +208,13 @@ pub enum DiskCommand {
         /// Export the view through this backing layer of IMAGE's chain.
         #[arg(long, value_name = "PATH")]
         layer: Option<PathBuf>,
-        /// The output format.
-        #[arg(long, value_enum, default_value = "qcow2")]
-        format: ExportFormatArg,
+        /// The output format (default qcow2).
+        #[arg(long, value_enum)]
+        format: Option<ExportFormatArg>,
+        /// RBD images only: an incremental backup, the changes since snapshot SNAP up to NAME (or
+        /// the image now) in rbd's diff format (`rbd export-diff`; apply with `rbd import-diff`).
+        #[arg(long, value_name = "SNAP", conflicts_with_all = ["layer", "format"])]
+        since: Option<String>,
         /// Print one JSON object (output, sizes, checksum).
         #[arg(long)]
         json: bool,

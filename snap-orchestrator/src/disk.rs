@@ -203,10 +203,15 @@ pub async fn run(cmd: DiskCommand, dry_run: bool) -> Result<u8> {
             args,
             layer,
             format,
+            since,
             json,
         } => {
             let (image, view, out) = crate::export::parse_export_args(args, layer)?;
-            let format = match format {
+            if let Some(since) = since {
+                return crate::export::disk_export_diff(image, view, &since, out, json, dry_run)
+                    .await;
+            }
+            let format = match format.unwrap_or(crate::cli::ExportFormatArg::Qcow2) {
                 crate::cli::ExportFormatArg::Qcow2 => crate::export::OutputFormat::Qcow2,
                 crate::cli::ExportFormatArg::Raw => crate::export::OutputFormat::Raw,
                 crate::cli::ExportFormatArg::Vhd => crate::export::OutputFormat::Vhd,

@@ -152,6 +152,109 @@ impl ViewSpec {
 enum Reader {
     Qcow2(Box<Qcow2Disk<FileIo>>),
     Vhd(Chain<FileIo>),
+    Rbd(std::sync::Mutex<RbdStream>),
+}
+
+/// An RBD image or snapshot read as the stream `rbd export SPEC -` prints (the raw guest view,
+/// zeroes included, in order): the copy reads its chunks in increasing order, so one stream
+/// serves them all; zero detection keeps the output sparse. Started at the first read (a dry run
+/// starts nothing); killed when dropped unfinished.
+struct RbdStream {
+    rbd: snap_backend_rbd::Rbd,
+    source: String,
+    size: u64,
+    pos: u64,
+    child: Option<(std::process::Child, std::process::ChildStdout)>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl RbdStream {
+    fn start(&mut self) -> Result<()> {
+        let mut cmd = self
+            .rbd
+            .command(&["export".into(), self.source.clone(), "-".into()]);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::io("run rbd export", e).with_path(&self.source))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "rbd export: no stdout"))?;
+        if let Some(mut err) = child.stderr.take() {
+            self.stderr = std::thread::Builder::new()
+                .name("rbd-export-stderr".into())
+                .spawn(move || {
+                    let mut text = String::new();
+                    let _ = err.read_to_string(&mut text);
+                    text
+                })
+                .ok();
+        }
+        self.child = Some((child, stdout));
+        Ok(())
+    }
+
+    /// Waits for rbd to exit; an error with rbd's message unless it succeeded.
+    fn finish(&mut self) -> Result<()> {
+        let Some((mut child, stdout)) = self.child.take() else {
+            return Ok(());
+        };
+        drop(stdout);
+        let status = child
+            .wait()
+            .map_err(|e| Error::io("wait for rbd export", e))?;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        let mut e = snap_backend_rbd::classify_failure("export", status.code(), &stderr);
+        if status.code().is_none() {
+            e = Error::new(ErrorKind::Io, format!("rbd export was killed ({status})"));
+        }
+        Err(e.with_path(&self.source))
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset != self.pos {
+            return Err(Error::invalid(format!(
+                "rbd export stream read out of order (at {}, asked {offset})",
+                self.pos
+            )));
+        }
+        if offset + buf.len() as u64 > self.size {
+            return Err(Error::invalid("read past the end of the RBD image"));
+        }
+        if self.child.is_none() {
+            self.start()?;
+        }
+        let result = match &mut self.child {
+            Some((_, stdout)) => stdout.read_exact(buf),
+            None => return Err(Error::new(ErrorKind::Io, "rbd export is not running")),
+        };
+        if let Err(e) = result {
+            // rbd stopped early: its own error says why.
+            self.finish()?;
+            return Err(Error::io("read rbd export's stream", e).with_path(&self.source));
+        }
+        self.pos += buf.len() as u64;
+        if self.pos == self.size {
+            self.finish()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RbdStream {
+    fn drop(&mut self) {
+        if let Some((mut child, _)) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl std::fmt::Debug for Reader {
@@ -159,6 +262,7 @@ impl std::fmt::Debug for Reader {
         match self {
             Reader::Qcow2(_) => f.write_str("Reader::Qcow2"),
             Reader::Vhd(_) => f.write_str("Reader::Vhd"),
+            Reader::Rbd(_) => f.write_str("Reader::Rbd"),
         }
     }
 }
@@ -320,11 +424,64 @@ impl SourceView {
         })
     }
 
+    /// Opens `view` of the RBD image `image` (`rbd:POOL/IMAGE...`): the image now, or one of
+    /// its snapshots, read through `rbd export SPEC -`. The current view of an image a client
+    /// (a running QEMU) has open is refused, as for files: it changes while it is read.
+    pub async fn open_rbd(image: &Path, view: &ViewSpec) -> Result<SourceView> {
+        let backend = snap_backend_rbd::RbdBackend::new(image)?;
+        let snapshot = match view {
+            ViewSpec::Current => None,
+            ViewSpec::Snapshot(name) => {
+                snap_backend_rbd::validate_snapshot_name(name)?;
+                Some(name.as_str())
+            }
+            ViewSpec::Layer(_) => {
+                return Err(Error::unsupported(
+                    "--layer names a file of a qcow2 or VHD chain; an RBD clone's parent is a \
+                     snapshot of another image: export that (IMAGE PARENT-SNAPSHOT OUT)",
+                )
+                .with_path(image));
+            }
+        };
+        let (source, size) = backend.export_stream(snapshot).await?;
+        if snapshot.is_none() {
+            let watchers = backend.watchers().await?;
+            if !watchers.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::InUse,
+                    format!(
+                        "{} is open by {} client(s) (a running QEMU?), so its current view \
+                         changes while it is read; take a snapshot (snapctl disk create, or \
+                         snapshot create on the domain) and export that, or stop the guest",
+                        backend.spec(),
+                        watchers.len()
+                    ),
+                )
+                .with_path(image));
+            }
+        }
+        Ok(SourceView {
+            path: image.to_path_buf(),
+            format: DiskFormat::Rbd,
+            lock_free: false,
+            reader: Reader::Rbd(std::sync::Mutex::new(RbdStream {
+                rbd: backend.rbd().clone(),
+                source: source.arg(),
+                size,
+                pos: 0,
+                child: None,
+                stderr: None,
+            })),
+            _locks: Vec::new(),
+        })
+    }
+
     /// The view's guest size.
     pub fn size(&self) -> u64 {
         match &self.reader {
             Reader::Qcow2(d) => d.guest_size(),
             Reader::Vhd(c) => c.size(),
+            Reader::Rbd(s) => s.lock().map(|s| s.size).unwrap_or(0),
         }
     }
 
@@ -336,6 +493,8 @@ impl SourceView {
                 Ok((e.data, e.len.clamp(1, len.max(1))))
             }
             Reader::Vhd(c) => vhd_extent(c, offset, len),
+            // The stream has every byte; zero detection finds the holes.
+            Reader::Rbd(_) => Ok((true, len.max(1))),
         }
     }
 
@@ -343,6 +502,10 @@ impl SourceView {
         match &self.reader {
             Reader::Qcow2(d) => d.read_guest(offset, buf),
             Reader::Vhd(c) => c.read(offset, buf),
+            Reader::Rbd(s) => s
+                .lock()
+                .map_err(|_| Error::new(ErrorKind::Io, "the rbd export stream failed"))?
+                .read(offset, buf),
         }
     }
 
@@ -932,9 +1095,13 @@ pub async fn disk_export(
 ) -> Result<u8> {
     refuse_existing(&out)?;
     let (image2, view2) = (image.clone(), view.clone());
-    let source = tokio::task::spawn_blocking(move || SourceView::open(&image2, &view2))
-        .await
-        .map_err(|e| Error::new(ErrorKind::Io, format!("worker failed: {e}")))??;
+    let source = if snap_backend_rbd::RbdSpec::looks_like(&image.to_string_lossy()) {
+        SourceView::open_rbd(&image, &view).await?
+    } else {
+        tokio::task::spawn_blocking(move || SourceView::open(&image2, &view2))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("worker failed: {e}")))??
+    };
     let what = view.describe(&image);
     if dry_run {
         let source = Arc::new(source);
@@ -997,6 +1164,116 @@ pub async fn disk_export(
             human(report.virtual_size)
         );
         println!("checksum ({CHECKSUM_ALGORITHM}): {}", report.checksum);
+    }
+    Ok(0)
+}
+
+/// `snapctl disk export rbd:POOL/IMAGE [NAME] OUT --since SNAP`: the changes since snapshot SNAP
+/// up to snapshot NAME (or the image now) as `rbd export-diff` writes them (rbd's diff format, to
+/// be applied with `rbd import-diff` onto an image at SNAP): an incremental backup. OUT is created
+/// new, 0600, flushed, and removed on any failure. RBD images only.
+pub async fn disk_export_diff(
+    image: PathBuf,
+    view: ViewSpec,
+    since: &str,
+    out: PathBuf,
+    json: bool,
+    dry_run: bool,
+) -> Result<u8> {
+    if !snap_backend_rbd::RbdSpec::looks_like(&image.to_string_lossy()) {
+        return Err(Error::unsupported(
+            "--since (an incremental export in rbd's diff format) is for RBD images \
+             (rbd:POOL/IMAGE) only",
+        )
+        .with_path(&image));
+    }
+    refuse_existing(&out)?;
+    snap_backend_rbd::validate_snapshot_name(since)?;
+    let backend = snap_backend_rbd::RbdBackend::new(&image)?;
+    let snapshot = match &view {
+        ViewSpec::Snapshot(name) => {
+            snap_backend_rbd::validate_snapshot_name(name)?;
+            Some(name.as_str())
+        }
+        _ => None,
+    };
+    let args = backend.export_diff_args(since, snapshot).await?;
+    if snapshot.is_none() && !backend.watchers().await?.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InUse,
+            format!(
+                "{} is open by a client (a running QEMU?), so its current data changes while it \
+                 is read; take a snapshot and export the changes up to it (IMAGE NAME OUT --since \
+                 SNAP), or stop the guest",
+                backend.spec()
+            ),
+        )
+        .with_path(&image));
+    }
+    let what = match snapshot {
+        Some(name) => format!(
+            "the changes of {image} from {since:?} to {name:?}",
+            image = image.display()
+        ),
+        None => format!("the changes of {} since {since:?}", image.display()),
+    };
+    if dry_run {
+        println!("plan: export {what} to {} (rbd diff)", out.display());
+        println!("  files created: {}", out.display());
+        println!("  command: rbd {}", args.join(" "));
+        println!("nothing changed (--dry-run)");
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let (guard, file) = NewFile::create(&out, 0o600)?;
+    let sync = file
+        .try_clone()
+        .map_err(|e| Error::io("open the output", e).with_path(&out))?;
+    let mut cmd = backend.rbd().command(&args);
+    cmd.stdout(file);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    // Not `output()`: it would pipe stdout instead of writing the file.
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io("run rbd export-diff", e).with_path(&image))?;
+    let output = tokio::select! {
+        output = child.wait_with_output() => output,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(Error::new(ErrorKind::Io, "interrupted (Ctrl-C); nothing was left behind"));
+        }
+    };
+    backend
+        .rbd()
+        .interpret("export-diff", &args, output)
+        .map_err(|e| e.with_path(&image))?;
+    sync.sync_all()
+        .map_err(|e| Error::io("flush the output", e).with_path(&out))?;
+    let bytes = sync
+        .metadata()
+        .map_err(|e| Error::io("stat the output", e).with_path(&out))?
+        .len();
+    guard.keep();
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "image": image,
+                "view": view.json(),
+                "since": since,
+                "output": out,
+                "format": "rbd-diff",
+                "bytes": bytes,
+                "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "exported {what} to {} (rbd diff, {}), {seconds:.2} s; apply with `rbd import-diff`",
+            out.display(),
+            human(bytes)
+        );
     }
     Ok(0)
 }
