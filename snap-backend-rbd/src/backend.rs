@@ -474,6 +474,115 @@ impl RbdBackend {
         Ok(target)
     }
 
+    /// Checks a clone of the existing snapshot `snap` into the new image `target` (same
+    /// cluster): the snapshot exists, the image can be cloned (layering), `target` does not
+    /// exist (its pool does). Returns the snapshot.
+    pub async fn plan_clone_snapshot(&self, snap: &str, target: &RbdSpec) -> Result<RbdSnapshot> {
+        validate_snapshot_name(snap)?;
+        if target.snapshot().is_some() || target.same_image(&self.spec) {
+            return Err(Error::invalid(format!(
+                "{target}: a clone is a new image (rbd:POOL/IMAGE), not {}",
+                self.spec
+            )));
+        }
+        let (info, snaps, existing) = tokio::join!(
+            self.info_of(&self.spec),
+            self.snaps_of(&self.spec),
+            self.info_of(target)
+        );
+        let info = info?;
+        if !info.features.iter().any(|f| f == "layering") {
+            return Err(Error::unsupported(format!(
+                "{} lacks the layering feature, which clones need",
+                self.spec
+            )));
+        }
+        let snaps = snaps?;
+        let row = self.find(&snaps, snap)?;
+        match existing {
+            Ok(_) => {
+                return Err(Error::new(
+                    ErrorKind::Exists,
+                    format!("image {target} already exists"),
+                ));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound && !e.message().contains("opening pool") => {}
+            Err(e) => return Err(e.context(format!("new image {target}"))),
+        }
+        Ok(RbdSnapshot::from(row))
+    }
+
+    /// Clones the existing snapshot `snap` into the new image `target`: protects the snapshot
+    /// when it is not yet (`rbd snap protect`), then `rbd clone` — metadata only, whatever the
+    /// image's size. Idempotent: a `target` that already is a clone of `snap` is taken as done.
+    pub async fn clone_snapshot(&self, snap: &str, target: &RbdSpec) -> Result<RbdSpec> {
+        let target = target.clone().inherit_cluster(&self.spec);
+        if let Ok(info) = self.info_of(&target).await
+            && info.parent.as_ref().is_some_and(|p| {
+                p.image == self.spec.image() && p.pool == self.spec.pool() && p.snapshot == snap
+            })
+        {
+            return Ok(target);
+        }
+        let row = self.plan_clone_snapshot(snap, &target).await?;
+        let at = self.spec.at_snapshot(&row.name)?;
+        if !row.protected {
+            self.rbd
+                .run(&["snap".into(), "protect".into(), at.arg()])
+                .await
+                .map_err(|e| self.image_error(&self.spec, e))?;
+        }
+        if let Err(e) = self
+            .rbd
+            .run(&["clone".into(), at.arg(), target.image_arg()])
+            .await
+        {
+            if !row.protected
+                && self
+                    .children_of(&self.spec, &row.name)
+                    .await
+                    .is_ok_and(|c| c.is_empty())
+            {
+                let _ = self
+                    .rbd
+                    .run(&["snap".into(), "unprotect".into(), at.arg()])
+                    .await;
+            }
+            return Err(self.image_error(&self.spec, e));
+        }
+        Ok(target)
+    }
+
+    /// Removes the image itself (`rbd rm`; it must have no snapshots). An image that does not
+    /// exist is taken as removed.
+    pub async fn remove_image(&self) -> Result<()> {
+        match self
+            .rbd
+            .run_with(&["rm".into(), self.spec.image_arg()], None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound && !e.message().contains("opening pool") => {
+                Ok(())
+            }
+            Err(e) => Err(self.image_error(&self.spec, e)),
+        }
+    }
+
+    /// Copies the parent's data into the image so it stands alone (`rbd flatten`); an image
+    /// without a parent is left as it is.
+    pub async fn flatten(&self) -> Result<()> {
+        let info = self.info_of(&self.spec).await?;
+        if info.parent.is_none() {
+            return Ok(());
+        }
+        self.rbd
+            .run_with(&["flatten".into(), self.spec.image_arg()], None)
+            .await
+            .map(drop)
+            .map_err(|e| self.image_error(&self.spec, e))
+    }
+
     /// Rolls the image back to snapshot `name` (`rbd snap rollback`); refused while clients
     /// have it open.
     pub async fn revert_snapshot(&self, name: &str) -> Result<RbdSnapshot> {

@@ -23,6 +23,7 @@ use crate::hypervisor::StartMode;
 use crate::layers::{self, Backend};
 use crate::store::{self, DiskKind, DomainLock, DomainRecord, DomainState, SnapshotRecord};
 use crate::xlcfg::DomainConfig;
+use snap_backend_rbd::{RbdBackend, RbdSpec};
 
 /// The file in the gold domain's folder that records its clones.
 pub const CLONES_FILE: &str = "clones.json";
@@ -43,16 +44,40 @@ impl CloneRegistry {
         Ok(lock.load_file(CLONES_FILE)?.unwrap_or_default())
     }
 
-    /// The clones that still use `layer`: registered, and still defined in `store`.
+    /// The clones that still use `layer`: registered, and still defined in `store`. An RBD
+    /// layer is a snapshot, `rbd:POOL/IMAGE@SNAP`: image and snapshot must both match.
     pub fn users(&self, layer: &Path, store: &store::Store) -> Vec<String> {
         self.layers
             .iter()
-            .filter(|(path, _)| layers::same_file(path, layer))
+            .filter(|(path, _)| same_layer(path, layer))
             .flat_map(|(_, names)| names.iter())
             .filter(|name| matches!(store.read(name), Ok(Some(_))))
             .cloned()
             .collect()
     }
+}
+
+/// Whether two registry layers are the same: RBD specs by image and snapshot, files as files.
+fn same_layer(a: &Path, b: &Path) -> bool {
+    let rbd = |p: &Path| {
+        let text = p.to_str()?;
+        RbdSpec::looks_like(text)
+            .then(|| RbdSpec::parse(text).ok())
+            .flatten()
+    };
+    match (rbd(a), rbd(b)) {
+        (Some(x), Some(y)) => x.same_image(&y) && x.snapshot() == y.snapshot(),
+        (None, None) => layers::same_file(a, b),
+        _ => false,
+    }
+}
+
+/// The layer an RBD snapshot is registered under: `rbd:POOL/IMAGE@SNAP`.
+pub fn rbd_layer(image: &Path, snapshot: &str) -> Result<PathBuf> {
+    Ok(RbdSpec::from_path(image)?
+        .without_snapshot()
+        .at_snapshot(snapshot)?
+        .to_path())
 }
 
 /// One disk of a planned clone: (vdev, backend, the layer it sits on, its new overlay).
@@ -144,6 +169,11 @@ pub async fn clone(
                     exports.push((d.path.clone(), name.to_string(), base));
                 }
             }
+            (DiskKind::Internal, Backend::Rbd) => {
+                // An RBD snapshot is cloned by rbd itself (protect + clone: metadata only).
+                let inner = d.snapshot.clone().unwrap_or_else(|| name.to_string());
+                bases.push((d.vdev.clone(), backend, rbd_layer(&d.path, &inner)?));
+            }
             (_, Backend::Lvm) => {
                 return Err(Error::unsupported(format!(
                     "disk {}: cloning an LV needs a thin snapshot of the snapshot LV (and \
@@ -168,6 +198,23 @@ pub async fn clone(
     for clone in &names {
         let mut disks = Vec::new();
         for (vdev, backend, base) in &bases {
+            if *backend == Backend::Rbd {
+                // rbd:POOL/IMAGE.CLONE beside the gold image, checked free now.
+                let at = RbdSpec::from_path(base)?;
+                let image = at.without_snapshot();
+                let target = image.sibling(
+                    image.pool(),
+                    image.namespace(),
+                    &format!("{}.{clone}", image.image()),
+                )?;
+                let snap = at.snapshot().unwrap_or(name);
+                RbdBackend::from_spec(image.clone())?
+                    .plan_clone_snapshot(snap, &target)
+                    .await
+                    .map_err(|e| e.context(format!("clone {clone}, disk {vdev}")))?;
+                disks.push((vdev.clone(), *backend, base.clone(), target.to_path()));
+                continue;
+            }
             let root = layers::stem_root(base, &root_names);
             let overlay = layers::fresh_overlay(base, &root, clone, &taken);
             taken.push(overlay.clone());
@@ -224,6 +271,16 @@ pub async fn clone(
         let mut created: Vec<PathBuf> = Vec::new();
         let result = async {
             for (vdev, backend, base, overlay) in disks {
+                if *backend == Backend::Rbd {
+                    let at = RbdSpec::from_path(base)?;
+                    let snap = at.snapshot().unwrap_or(name).to_string();
+                    created.push(overlay.clone());
+                    RbdBackend::from_spec(at.without_snapshot())?
+                        .clone_snapshot(&snap, &RbdSpec::from_path(overlay)?)
+                        .await
+                        .map_err(|e| e.context(format!("clone {clone}, disk {vdev}")))?;
+                    continue;
+                }
                 layers::create_overlay(*backend, base, clone, overlay)
                     .await
                     .map_err(|e| e.context(format!("clone {clone}, disk {vdev}")))?;
@@ -267,7 +324,13 @@ pub async fn clone(
             // Nothing of this clone stays half-made (earlier clones are complete and stay).
             if ctx.store.read(clone).ok().flatten().is_none() {
                 for file in &created {
-                    let _ = std::fs::remove_file(file);
+                    if RbdSpec::looks_like(&file.to_string_lossy()) {
+                        if let Ok(b) = RbdBackend::new(file) {
+                            let _ = b.remove_image().await;
+                        }
+                    } else {
+                        let _ = std::fs::remove_file(file);
+                    }
                 }
             }
             return Err(e);

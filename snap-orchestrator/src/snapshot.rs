@@ -792,6 +792,22 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
             };
             let in_qemu = |p: &Path| running_chain.iter().any(|c| layers::same_file(c, p));
             let action = match d.kind {
+                DiskKind::Internal
+                    if backend == Backend::Rbd
+                        && !clone_users(&crate::clone::rbd_layer(
+                            &d.path,
+                            d.snapshot.as_deref().unwrap_or(t),
+                        )?)
+                        .is_empty() =>
+                {
+                    // Clones hang off the RBD snapshot: it stays (protected) while they exist.
+                    let layer =
+                        crate::clone::rbd_layer(&d.path, d.snapshot.as_deref().unwrap_or(t))?;
+                    DiskDelete::Keep {
+                        users: clone_users(&layer),
+                        layer,
+                    }
+                }
                 DiskKind::Internal => {
                     let inner = d.snapshot.clone().unwrap_or_else(|| t.clone());
                     let online = in_qemu(&d.path);
