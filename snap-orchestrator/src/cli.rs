@@ -39,6 +39,10 @@ pub struct Cli {
     /// Print what would be done and change nothing.
     #[arg(long, global = true)]
     pub dry_run: bool,
+    /// Seconds a domain command waits for another snapctl working on the same domain (0: fail
+    /// at once with a clear error). Disk commands never wait: a held image lock fails at once.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
+    pub wait: u64,
     /// More diagnostics on stderr (-v, -vv).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -385,111 +389,107 @@ pub enum SnapshotCommand {
 
 /// Runs a parsed command line; returns the exit code for success paths (errors become exit 1).
 pub async fn run(cli: Cli) -> Result<u8> {
+    let ctx = context(&cli);
     match cli.command {
         Command::Disk(cmd) => disk::run(cmd, cli.dry_run).await,
-        Command::Domain(cmd) => {
-            let ctx = context(&cli.state_dir, cli.hypervisor, cli.dry_run);
-            match cmd {
-                DomainCommand::Start { cfg } => domain::start(&ctx, &cfg).await,
-                DomainCommand::List { json } => domain::list(&ctx, json).await,
-                DomainCommand::Destroy { name } => domain::destroy(&ctx, &name).await,
-            }
-        }
-        Command::Snapshot(cmd) => {
-            let ctx = context(&cli.state_dir, cli.hypervisor, cli.dry_run);
-            match cmd {
-                SnapshotCommand::Create {
-                    domain,
-                    name,
+        Command::Domain(cmd) => match cmd {
+            DomainCommand::Start { cfg } => domain::start(&ctx, &cfg).await,
+            DomainCommand::List { json } => domain::list(&ctx, json).await,
+            DomainCommand::Destroy { name } => domain::destroy(&ctx, &name).await,
+        },
+        Command::Snapshot(cmd) => match cmd {
+            SnapshotCommand::Create {
+                domain,
+                name,
+                live,
+                disk_only,
+                external,
+                quiesce,
+                description,
+            } => {
+                let opts = snapshot::CreateOptions {
                     live,
                     disk_only,
                     external,
                     quiesce,
                     description,
-                } => {
-                    let opts = snapshot::CreateOptions {
-                        live,
-                        disk_only,
-                        external,
-                        quiesce,
-                        description,
-                    };
-                    snapshot::create(&ctx, &domain, &name, &opts).await
-                }
-                SnapshotCommand::Revert {
-                    domain,
-                    name,
-                    running,
-                    paused,
-                } => {
-                    let end = if running {
-                        snapshot::EndState::Running
-                    } else if paused {
-                        snapshot::EndState::Paused
-                    } else {
-                        snapshot::EndState::Snapshot
-                    };
-                    snapshot::revert(&ctx, &domain, &name, end).await
-                }
-                SnapshotCommand::Delete {
-                    domain,
-                    name,
+                };
+                snapshot::create(&ctx, &domain, &name, &opts).await
+            }
+            SnapshotCommand::Revert {
+                domain,
+                name,
+                running,
+                paused,
+            } => {
+                let end = if running {
+                    snapshot::EndState::Running
+                } else if paused {
+                    snapshot::EndState::Paused
+                } else {
+                    snapshot::EndState::Snapshot
+                };
+                snapshot::revert(&ctx, &domain, &name, end).await
+            }
+            SnapshotCommand::Delete {
+                domain,
+                name,
+                children,
+                children_only,
+                metadata_only,
+            } => {
+                let opts = snapshot::DeleteOptions {
                     children,
                     children_only,
                     metadata_only,
-                } => {
-                    let opts = snapshot::DeleteOptions {
-                        children,
-                        children_only,
-                        metadata_only,
-                    };
-                    snapshot::delete(&ctx, &domain, &name, opts).await
-                }
-                SnapshotCommand::List { domain, tree, json } => {
-                    snapshot::list(&ctx, &domain, tree, json).await
-                }
-                SnapshotCommand::Clone {
-                    domain,
-                    name,
-                    new,
-                    count,
-                    running,
-                    paused,
-                    shutoff,
-                } => {
-                    let state = if running {
-                        clone::CloneState::Running
-                    } else if paused {
-                        clone::CloneState::Paused
-                    } else if shutoff {
-                        clone::CloneState::Shutoff
-                    } else {
-                        clone::CloneState::Snapshot
-                    };
-                    clone::clone(&ctx, &domain, &name, &new, count, state).await
-                }
-                SnapshotCommand::Info { domain, name, json } => {
-                    snapshot::info(&ctx, &domain, &name, json).await
-                }
-                SnapshotCommand::Export {
-                    domain,
-                    name,
-                    dir,
-                    json,
-                } => export::snapshot_export(&ctx, &domain, &name, &dir, json).await,
-                SnapshotCommand::Import { dir, new, json } => {
-                    export::snapshot_import(&ctx, &dir, new.as_deref(), json).await
-                }
+                };
+                snapshot::delete(&ctx, &domain, &name, opts).await
             }
-        }
+            SnapshotCommand::List { domain, tree, json } => {
+                snapshot::list(&ctx, &domain, tree, json).await
+            }
+            SnapshotCommand::Clone {
+                domain,
+                name,
+                new,
+                count,
+                running,
+                paused,
+                shutoff,
+            } => {
+                let state = if running {
+                    clone::CloneState::Running
+                } else if paused {
+                    clone::CloneState::Paused
+                } else if shutoff {
+                    clone::CloneState::Shutoff
+                } else {
+                    clone::CloneState::Snapshot
+                };
+                clone::clone(&ctx, &domain, &name, &new, count, state).await
+            }
+            SnapshotCommand::Info { domain, name, json } => {
+                snapshot::info(&ctx, &domain, &name, json).await
+            }
+            SnapshotCommand::Export {
+                domain,
+                name,
+                dir,
+                json,
+            } => export::snapshot_export(&ctx, &domain, &name, &dir, json).await,
+            SnapshotCommand::Import { dir, new, json } => {
+                export::snapshot_import(&ctx, &dir, new.as_deref(), json).await
+            }
+        },
     }
 }
 
-fn context(state_dir: &std::path::Path, hypervisor: Option<Hypervisor>, dry_run: bool) -> Ctx {
+fn context(cli: &Cli) -> Ctx {
     Ctx {
-        store: Store::new(state_dir),
-        hypervisor,
-        dry_run,
+        store: Store::new(&cli.state_dir),
+        hypervisor: cli.hypervisor,
+        dry_run: cli.dry_run,
+        lock_timeout: std::time::Duration::from_secs(cli.wait),
     }
 }
 

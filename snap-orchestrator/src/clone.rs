@@ -287,7 +287,7 @@ pub async fn clone(
                 created.push(overlay.clone());
             }
             let config = clone_config(&snap, clone, disks)?;
-            let clone_lock = ctx.store.lock(clone)?;
+            let clone_lock = ctx.lock(clone)?;
             if clone_lock.load()?.is_some() {
                 return Err(Error::new(
                     ErrorKind::Exists,

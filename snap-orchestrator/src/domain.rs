@@ -21,6 +21,8 @@ pub struct Ctx {
     pub hypervisor: Option<HypervisorArg>,
     /// `--dry-run`.
     pub dry_run: bool,
+    /// `--wait`: how long to wait for a domain another snapctl is working on.
+    pub lock_timeout: std::time::Duration,
 }
 
 /// Whether this host is a Xen dom0.
@@ -29,6 +31,11 @@ pub fn is_xen_dom0() -> bool {
 }
 
 impl Ctx {
+    /// Locks domain `name` for an operation, waiting up to `--wait` for another snapctl.
+    pub fn lock(&self, name: &str) -> Result<crate::store::DomainLock> {
+        self.store.lock_timeout(name, self.lock_timeout)
+    }
+
     /// The hypervisor new domains get: `--hypervisor`, else xen on a dom0, else qemu.
     pub fn default_hypervisor(&self) -> &'static str {
         match self.hypervisor {
@@ -92,7 +99,7 @@ pub async fn start(ctx: &Ctx, cfg: &Path) -> Result<u8> {
     }
     let name = config.name.clone();
     crate::store::validate_name("domain", &name)?;
-    let lock = ctx.store.lock(&name)?;
+    let lock = ctx.lock(&name)?;
     let known = match lock.load()? {
         Some(rec) => Some(crate::exec::settle(ctx, &lock, rec).await?),
         None => None,

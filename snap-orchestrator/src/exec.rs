@@ -957,7 +957,7 @@ pub fn tracked_files(rec: &DomainRecord, vdev: &str) -> Vec<PathBuf> {
 /// module documentation); returns the lock and the current record.
 pub async fn open_domain(ctx: &Ctx, domain: &str) -> Result<(DomainLock, DomainRecord)> {
     crate::store::validate_name("domain", domain)?;
-    let lock = ctx.store.lock(domain)?;
+    let lock = ctx.lock(domain)?;
     let rec = crate::domain::load_defined(&lock, domain)?;
     let rec = settle(ctx, &lock, rec).await?;
     Ok((lock, rec))

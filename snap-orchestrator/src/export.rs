@@ -1841,7 +1841,7 @@ pub async fn snapshot_import(ctx: &Ctx, dir: &Path, new: Option<&str>, json: boo
             .with_path(layer));
         }
     }
-    let lock = ctx.store.lock(&name)?;
+    let lock = ctx.lock(&name)?;
     if lock.load()?.is_some() {
         return Err(Error::new(
             ErrorKind::Exists,

@@ -459,3 +459,34 @@ fn bad_configs_point_at_the_line_and_key() {
     let listed = lab.ok(&["domain", "list", "--json"]).stdout;
     assert_eq!(listed.trim(), "[]");
 }
+
+#[test]
+fn wait_chooses_between_waiting_for_another_snapctl_and_failing_at_once() {
+    if !have_qemu_system() {
+        return;
+    }
+    let lab = DomainLab::new();
+    let a = lab.path("held.qcow2");
+    qcow2(&a, "16M");
+    offline_domain("held", &[("xvda", "qcow2", &a)], &lab);
+    let lock = lab.state().join("domains/held/lock");
+    // Another process holds the domain's lock for 2 s.
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "2"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = lab.snapctl(["--wait", "0", "snapshot", "create", "held", "s1"]);
+    assert_error_line(&r);
+    assert!(r.stderr.contains("another snapctl"), "{}", r.describe());
+    assert!(qemu_snapshot_names(&a).is_empty(), "nothing was done");
+    let started = std::time::Instant::now();
+    lab.ok(&["--wait", "20", "snapshot", "create", "held", "s1"]);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1000),
+        "it waited"
+    );
+    assert_eq!(qemu_snapshot_names(&a), ["s1"]);
+    holder.wait().unwrap();
+}
