@@ -791,24 +791,20 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                 Vec::new()
             };
             let in_qemu = |p: &Path| running_chain.iter().any(|c| layers::same_file(c, p));
-            let action = match d.kind {
-                DiskKind::Internal
-                    if backend == Backend::Rbd
-                        && !clone_users(&crate::clone::rbd_layer(
-                            &d.path,
-                            d.snapshot.as_deref().unwrap_or(t),
-                        )?)
-                        .is_empty() =>
-                {
-                    // Clones hang off the RBD snapshot: it stays (protected) while they exist.
-                    let layer =
-                        crate::clone::rbd_layer(&d.path, d.snapshot.as_deref().unwrap_or(t))?;
-                    DiskDelete::Keep {
-                        users: clone_users(&layer),
-                        layer,
-                    }
-                }
-                DiskKind::Internal => {
+            // Where clones of this snapshot hang off (an RBD snapshot, or the frozen layer):
+            // kept, not deleted, while clones use it.
+            let clone_layer = match (d.kind, backend) {
+                (DiskKind::Internal, Backend::Rbd) => Some(crate::clone::rbd_layer(
+                    &d.path,
+                    d.snapshot.as_deref().unwrap_or(t),
+                )?),
+                (DiskKind::External, _) => Some(d.path.clone()),
+                _ => None,
+            };
+            let users = clone_layer.as_deref().map(clone_users).unwrap_or_default();
+            let action = match (d.kind, clone_layer) {
+                (_, Some(layer)) if !users.is_empty() => DiskDelete::Keep { layer, users },
+                (DiskKind::Internal, _) => {
                     let inner = d.snapshot.clone().unwrap_or_else(|| t.clone());
                     let online = in_qemu(&d.path);
                     if online
@@ -836,11 +832,7 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                         name: inner,
                     }
                 }
-                DiskKind::External if !clone_users(&d.path).is_empty() => DiskDelete::Keep {
-                    layer: d.path.clone(),
-                    users: clone_users(&d.path),
-                },
-                DiskKind::External => {
+                (DiskKind::External, _) => {
                     if !d.path.exists() {
                         return Err(Error::not_found(format!(
                             "disk {}: snapshot {t}'s layer is missing",
