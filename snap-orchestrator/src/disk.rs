@@ -1063,7 +1063,8 @@ pub fn listing_json(listing: &DiskListing) -> serde_json::Value {
     })
 }
 
-fn human_size(bytes: u64) -> String {
+/// A byte count for people: `512 B`, `1.5 GiB`.
+pub(crate) fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

@@ -32,7 +32,7 @@ use crate::domain::Ctx;
 use crate::hypervisor::{Control, Hypervisor, LiveState, StartMode, window_ms};
 use crate::layers::{self, Backend};
 use crate::qga::GuestAgent;
-use crate::store::{DiskKind, DomainLock, DomainRecord, SnapshotRecord};
+use crate::store::{DiskKind, DomainLock, DomainRecord, SnapshotRecord, remove_if_present};
 use crate::xlcfg::DomainConfig;
 
 /// The journal's file in the domain folder.
@@ -613,9 +613,9 @@ impl<'a> Exec<'a> {
                 self.lock.save(&self.rec)?;
             }
             Step::RemoveFile { path } | Step::RemoveMemory { path } => {
-                remove_quietly(path)?;
+                remove_if_present(path)?;
                 if matches!(step, Step::RemoveMemory { .. }) {
-                    remove_quietly(&crate::qemu::memory_info_path(path))?;
+                    remove_if_present(&crate::qemu::memory_info_path(path))?;
                 }
             }
             Step::Start { memory, running } => {
@@ -704,7 +704,7 @@ impl<'a> Exec<'a> {
                         )
                         .with_path(layer));
                     }
-                    remove_quietly(layer)?;
+                    remove_if_present(layer)?;
                 }
             }
             Step::ForgetSnapshot { name } => {
@@ -757,8 +757,8 @@ impl<'a> Exec<'a> {
         let mut problems = Vec::new();
         for step in steps.iter().rev() {
             let undone = match step {
-                Step::SaveMemory { path, .. } => remove_quietly(path)
-                    .and_then(|()| remove_quietly(&crate::qemu::memory_info_path(path))),
+                Step::SaveMemory { path, .. } => remove_if_present(path)
+                    .and_then(|()| remove_if_present(&crate::qemu::memory_info_path(path))),
                 Step::OfflineSnapshot { name, disk } => undo_disk(disk, name).await,
                 Step::QmpSnapshots { name, disks } => {
                     // An aborted transaction may leave overlay files behind; nobody uses them.
@@ -767,7 +767,7 @@ impl<'a> Exec<'a> {
                         if let Some(overlay) = &d.overlay
                             && !self.uses(&d.vdev, overlay).await
                         {
-                            result = result.and(remove_quietly(overlay));
+                            result = result.and(remove_if_present(overlay));
                         }
                         let _ = name;
                     }
@@ -850,15 +850,6 @@ impl<'a> Exec<'a> {
     }
 }
 
-/// Removes a file; a missing one is fine.
-fn remove_quietly(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", e).with_path(path)),
-    }
-}
-
 /// Whether `image` holds internal snapshot `name` (an LV: a snapshot LV of that name).
 async fn has_internal(backend: Backend, image: &Path, name: &str) -> bool {
     match layers::listing(backend, image).await {
@@ -886,7 +877,7 @@ async fn disk_taken(d: &DiskAction, name: &str) -> bool {
 async fn undo_disk(d: &DiskAction, name: &str) -> Result<()> {
     let backend = d.backend()?;
     match &d.overlay {
-        Some(overlay) => remove_quietly(overlay),
+        Some(overlay) => remove_if_present(overlay),
         None if has_internal(backend, &d.image, name).await => {
             layers::delete_internal(backend, &d.image, name).await
         }

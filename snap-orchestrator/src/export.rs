@@ -1023,21 +1023,6 @@ async fn with_progress<T: Send + 'static>(
     result
 }
 
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("B"))
-    }
-}
-
 /// Metadata an output of `data` bytes of a `size`-byte disk adds, at most (a generous bound).
 fn metadata_bound(format: OutputFormat, size: u64, data: u64) -> u64 {
     match format {
@@ -1118,12 +1103,12 @@ pub async fn disk_export(
         println!("  files created: {}", out.display());
         println!(
             "  bytes to copy: up to {} (allocated in the view; zero data is skipped) of a {} disk",
-            human(allocated),
-            human(size)
+            crate::disk::human_size(allocated),
+            crate::disk::human_size(size)
         );
         println!(
             "  space needed: up to {}",
-            human(allocated + metadata_bound(format, size, allocated))
+            crate::disk::human_size(allocated + metadata_bound(format, size, allocated))
         );
         if source.lock_free {
             println!(
@@ -1160,8 +1145,8 @@ pub async fn disk_export(
             "exported {what} to {} ({}): {} of data in a {} disk, {seconds:.2} s",
             out.display(),
             format.as_str(),
-            human(report.data_bytes),
-            human(report.virtual_size)
+            crate::disk::human_size(report.data_bytes),
+            crate::disk::human_size(report.virtual_size)
         );
         println!("checksum ({CHECKSUM_ALGORITHM}): {}", report.checksum);
     }
@@ -1272,7 +1257,7 @@ pub async fn disk_export_diff(
         println!(
             "exported {what} to {} (rbd diff, {}), {seconds:.2} s; apply with `rbd import-diff`",
             out.display(),
-            human(bytes)
+            crate::disk::human_size(bytes)
         );
     }
     Ok(0)
@@ -1468,12 +1453,6 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<NewFile> {
     Ok(guard)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync the folder", e).with_path(dir))
-}
-
 /// `snapctl snapshot export DOMAIN NAME DIR`.
 pub async fn snapshot_export(
     ctx: &Ctx,
@@ -1531,8 +1510,8 @@ pub async fn snapshot_export(
                 d.vdev,
                 d.backend,
                 d.kind.as_str(),
-                human(allocated),
-                human(source.size())
+                crate::disk::human_size(allocated),
+                crate::disk::human_size(source.size())
             );
         }
         if let Some((m, _, size)) = &memory {
@@ -1542,7 +1521,7 @@ pub async fn snapshot_export(
                 dir.join(MEMORY_FILE).display(),
                 MEMORY_FILE,
                 m.display(),
-                human(*size)
+                crate::disk::human_size(*size)
             );
         }
         println!(
@@ -1552,8 +1531,8 @@ pub async fn snapshot_export(
         );
         println!(
             "  bytes to copy: up to {}; space needed: up to {}",
-            human(total),
-            human(total)
+            crate::disk::human_size(total),
+            crate::disk::human_size(total)
         );
         println!("nothing changed (--dry-run)");
         return Ok(0);
@@ -1568,7 +1547,7 @@ pub async fn snapshot_export(
     let outcome = export_into(domain, &rec, &snap, dir, views, memory).await;
     match outcome {
         Ok(manifest) => {
-            let _ = sync_dir(dir);
+            let _ = crate::store::sync_dir(dir);
             drop(lock);
             if json {
                 println!(
@@ -1586,13 +1565,13 @@ pub async fn snapshot_export(
                         "  {}: {} ({} of data in a {} disk), checksum {}",
                         d.vdev,
                         d.file,
-                        human(d.data_bytes),
-                        human(d.virtual_size),
+                        crate::disk::human_size(d.data_bytes),
+                        crate::disk::human_size(d.virtual_size),
                         d.checksum
                     );
                 }
                 if let Some(m) = &manifest.memory {
-                    println!("  memory: {} ({})", m.file, human(m.size));
+                    println!("  memory: {} ({})", m.file, crate::disk::human_size(m.size));
                 }
                 println!("  config: {CONFIG_FILE}; record: {MANIFEST}");
             }
@@ -1803,7 +1782,7 @@ pub async fn snapshot_import(ctx: &Ctx, dir: &Path, new: Option<&str>, json: boo
             println!(
                 "  verify {} ({} disk): read its guest view and compare its checksum",
                 layer.display(),
-                human(d.virtual_size)
+                crate::disk::human_size(d.virtual_size)
             );
             println!(
                 "  create {}: an empty overlay on {} (disk {})",
@@ -1817,8 +1796,8 @@ pub async fn snapshot_import(ctx: &Ctx, dir: &Path, new: Option<&str>, json: boo
         }
         println!(
             "  bytes to read: {}; space needed: up to {} (overlay metadata)",
-            human(bytes),
-            human(plan.len() as u64 * (1 << 20))
+            crate::disk::human_size(bytes),
+            crate::disk::human_size(plan.len() as u64 * (1 << 20))
         );
         println!("nothing changed (--dry-run)");
         return Ok(0);

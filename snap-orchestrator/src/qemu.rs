@@ -401,12 +401,6 @@ fn check_config(cfg: &DomainConfig) -> Result<()> {
     Ok(())
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
-}
-
 fn event_time(event: &Event) -> SystemTime {
     event
         .timestamp
@@ -611,7 +605,7 @@ impl Hypervisor for QemuDriver {
             pid: Some(pid),
             qmp: Some(paths.qmp.clone()),
             qga: Some(paths.qga.clone()),
-            started: now_rfc3339(),
+            started: crate::store::timestamp_now(),
         };
         if let StartMode::Restore { memory, running } = &mode {
             let restored = async {

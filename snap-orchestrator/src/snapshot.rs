@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use snap_core::{Error, ErrorKind, Result};
 
+use crate::disk::human_size;
 use crate::domain::Ctx;
 use crate::exec::{self, DiskAction, Exec, Journal, Step};
 use crate::hypervisor::LiveState;
@@ -59,33 +60,12 @@ impl Plan {
         }
         println!(
             "  bytes to copy: {}; space needed: up to {}; pause window: {}",
-            human(self.bytes_to_copy),
-            human(self.space_needed),
+            human_size(self.bytes_to_copy),
+            human_size(self.space_needed),
             self.pause_window
         );
         println!("nothing changed (--dry-run)");
     }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("B"))
-    }
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
 }
 
 /// Whether a live state lets us operate; the error names what is going on.
@@ -346,7 +326,7 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
     let snapshot = SnapshotRecord {
         name: name.to_string(),
         parent: rec.current.clone(),
-        created: now_rfc3339(),
+        created: store::timestamp_now(),
         description: opts.description.clone(),
         state: stored_state(&state),
         memory: memory_path.clone(),

@@ -236,12 +236,6 @@ pub struct XenImageInfo {
     pub libxl_config: Value,
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
-}
-
 /// A random (version 4) UUID, as xl gives a domain without `uuid`.
 fn random_uuid() -> Result<String> {
     use std::io::Read;
@@ -411,7 +405,7 @@ impl Hypervisor for XenDriver {
             pid: None,
             qmp: (qdisk || dtype == DomainType::Hvm).then(|| qmp_socket(domid)),
             qga: None,
-            started: now_rfc3339(),
+            started: crate::store::timestamp_now(),
         })
     }
 
