@@ -760,7 +760,7 @@ impl<'a> Exec<'a> {
                 Step::SaveMemory { path, .. } => remove_if_present(path)
                     .and_then(|()| remove_if_present(&crate::qemu::memory_info_path(path))),
                 Step::OfflineSnapshot { name, disk } => undo_disk(disk, name).await,
-                Step::QmpSnapshots { name, disks } => {
+                Step::QmpSnapshots { disks, .. } => {
                     // An aborted transaction may leave overlay files behind; nobody uses them.
                     let mut result = Ok(());
                     for d in disks {
@@ -769,7 +769,6 @@ impl<'a> Exec<'a> {
                         {
                             result = result.and(remove_if_present(overlay));
                         }
-                        let _ = name;
                     }
                     result
                 }

@@ -87,11 +87,10 @@ fn stored_state(state: &LiveState) -> DomainState {
     }
 }
 
-/// Whether `path` is the frozen layer of an external snapshot of `vdev` (other than `except`).
-fn frozen_by(rec: &DomainRecord, vdev: &str, path: &Path, except: Option<&str>) -> Option<String> {
+/// The external snapshot of `vdev` whose frozen layer `path` is, if any.
+fn frozen_by(rec: &DomainRecord, vdev: &str, path: &Path) -> Option<String> {
     rec.snapshots
         .iter()
-        .filter(|s| Some(s.name.as_str()) != except)
         .find(|s| {
             s.disks.iter().any(|d| {
                 d.vdev == vdev && d.kind == DiskKind::External && layers::same_file(&d.path, path)
@@ -523,7 +522,7 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
         let active = rec.config.disk(&d.vdev).map(|s| PathBuf::from(&s.target));
         let action = match d.kind {
             DiskKind::Internal => {
-                if let Some(other) = frozen_by(&rec, &d.vdev, &d.path, None) {
+                if let Some(other) = frozen_by(&rec, &d.vdev, &d.path) {
                     return Err(Error::unsupported(format!(
                         "disk {}: snapshot {name}'s internal snapshot lives in {}, which is now \
                          the frozen layer of external snapshot {other}; reverting it in place \
