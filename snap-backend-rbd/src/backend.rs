@@ -553,6 +553,27 @@ impl RbdBackend {
         Ok(target)
     }
 
+    /// The clones of this image's snapshot `snap` (in the trash too), as `rbd:...` specs in
+    /// this image's cluster.
+    pub async fn clones_of(&self, snap: &str) -> Result<Vec<RbdSpec>> {
+        self.children_of(&self.spec, snap)
+            .await?
+            .iter()
+            .map(|c| self.spec.sibling(&c.pool, c.namespace.as_deref(), &c.image))
+            .collect()
+    }
+
+    /// Whether the image exists (its pool must).
+    pub async fn exists(&self) -> Result<bool> {
+        match self.info_of(&self.spec).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound && !e.message().contains("opening pool") => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes the image itself (`rbd rm`; it must have no snapshots). An image that does not
     /// exist is taken as removed.
     pub async fn remove_image(&self) -> Result<()> {

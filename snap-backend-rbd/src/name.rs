@@ -334,6 +334,37 @@ impl RbdSpec {
     }
 }
 
+impl RbdSpec {
+    /// QEMU's rbd node options as QMP `blockdev-add` arguments (without `node-name`): the same
+    /// fields as [`blockdev_options`](Self::blockdev_options).
+    pub fn blockdev_json(&self, default_conf: Option<&Path>) -> Result<serde_json::Value> {
+        let mut opts = serde_json::Map::new();
+        let mut put = |k: &str, v: &str| {
+            opts.insert(k.to_string(), serde_json::Value::String(v.to_string()));
+        };
+        put("driver", "rbd");
+        put("pool", &self.pool);
+        if let Some(ns) = &self.namespace {
+            put("namespace", ns);
+        }
+        put("image", &self.image);
+        if let Some(snap) = &self.snapshot {
+            put("snapshot", snap);
+        }
+        if let Some(conf) = self.conf.as_deref().or(default_conf) {
+            let text = conf.to_str().ok_or_else(|| {
+                Error::invalid(format!("RBD conf path {} is not UTF-8", conf.display()))
+            })?;
+            validate_conf(text)?;
+            put("conf", text);
+        }
+        if let Some(user) = &self.user {
+            put("user", user);
+        }
+        Ok(serde_json::Value::Object(opts))
+    }
+}
+
 impl fmt::Display for RbdSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{PREFIX}{}", self.arg())?;
@@ -383,6 +414,20 @@ mod tests {
         assert!(
             plain
                 .blockdev_options(Some(Path::new("/tmp/a,b.conf")))
+                .is_err()
+        );
+        assert_eq!(
+            s.blockdev_json(None).unwrap(),
+            serde_json::json!({"driver": "rbd", "pool": "vms", "namespace": "ns1", "image": "disk1",
+                "snapshot": "s1", "conf": "/etc/ceph/x.conf", "user": "admin"})
+        );
+        assert_eq!(
+            plain.blockdev_json(Some(Path::new("/tmp/c.conf"))).unwrap(),
+            serde_json::json!({"driver": "rbd", "pool": "p", "image": "i", "conf": "/tmp/c.conf"})
+        );
+        assert!(
+            plain
+                .blockdev_json(Some(Path::new("/tmp/a,b.conf")))
                 .is_err()
         );
     }

@@ -169,8 +169,9 @@ pub async fn clone(
                     exports.push((d.path.clone(), name.to_string(), base));
                 }
             }
-            (DiskKind::Internal, Backend::Rbd) => {
-                // An RBD snapshot is cloned by rbd itself (protect + clone: metadata only).
+            (_, Backend::Rbd) => {
+                // An RBD snapshot (an external snapshot's too) is cloned by rbd itself
+                // (protect + clone: metadata only).
                 let inner = d.snapshot.clone().unwrap_or_else(|| name.to_string());
                 bases.push((d.vdev.clone(), backend, rbd_layer(&d.path, &inner)?));
             }

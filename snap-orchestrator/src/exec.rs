@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use snap_backend_qcow2::online::{self as qonline, OnlineDisk, StreamOptions};
+use snap_backend_rbd::{RbdBackend, RbdSpec};
 use snap_core::qmp::QmpClient;
 use snap_core::{Error, ErrorKind, Result};
 
@@ -91,6 +92,14 @@ pub enum Step {
         /// Snapshot name.
         name: String,
         /// The disk.
+        disk: DiskAction,
+    },
+    /// External snapshot of an RBD disk of the running QEMU (paused): snapshot the image
+    /// through QMP, protect and clone it, move QEMU's disk to the clone.
+    SwitchRbd {
+        /// Snapshot name.
+        name: String,
+        /// The disk (`overlay` is the clone).
         disk: DiskAction,
     },
     /// Let the guest run again.
@@ -181,6 +190,24 @@ pub enum Step {
         /// The layer.
         layer: PathBuf,
     },
+    /// Copy the parent's data into an RBD clone so it no longer reads through its parent
+    /// (`rbd flatten`; skipped when it has no parent).
+    FlattenRbd {
+        /// The disk.
+        vdev: String,
+        /// The clone.
+        image: PathBuf,
+    },
+    /// Remove an RBD snapshot (unprotected first; refused while clones depend on it; skipped
+    /// when it is gone).
+    DeleteRbdSnapshot {
+        /// The disk.
+        vdev: String,
+        /// The image holding it.
+        image: PathBuf,
+        /// Its name.
+        name: String,
+    },
     /// Remove a memory image and its description.
     RemoveMemory {
         /// The memory image.
@@ -218,6 +245,16 @@ impl Step {
                 format!("one QMP transaction (all or none): {}", what.join("; "))
             }
             Step::OfflineSnapshot { name, disk } => describe_disk(disk, name),
+            Step::SwitchRbd { name, disk } => format!(
+                "{}: RBD snapshot {name} of {}, protected and cloned to {}; QEMU moves the disk \
+                 to the clone",
+                disk.vdev,
+                disk.image.display(),
+                disk.overlay
+                    .as_deref()
+                    .map(|o| o.display().to_string())
+                    .unwrap_or_default()
+            ),
             Step::Resume => "resume the guest".into(),
             Step::Thaw => "thaw the guest's file systems".into(),
             Step::RecordCreate { snapshot, .. } => format!(
@@ -279,6 +316,13 @@ impl Step {
             Step::RemoveLayer { vdev, layer, .. } => {
                 format!("{vdev}: remove layer {}", layer.display())
             }
+            Step::FlattenRbd { vdev, image } => format!(
+                "{vdev}: flatten {} (copy its parent's data into it: rbd flatten)",
+                image.display()
+            ),
+            Step::DeleteRbdSnapshot { vdev, image, name } => {
+                format!("{vdev}: remove RBD snapshot {name} of {}", image.display())
+            }
             Step::RemoveMemory { path } => format!("remove memory image {}", path.display()),
             Step::ForgetSnapshot { name } => format!("forget snapshot {name}"),
         }
@@ -288,7 +332,7 @@ impl Step {
     fn takes_snapshots(&self) -> bool {
         matches!(
             self,
-            Step::QmpSnapshots { .. } | Step::OfflineSnapshot { .. }
+            Step::QmpSnapshots { .. } | Step::OfflineSnapshot { .. } | Step::SwitchRbd { .. }
         )
     }
 
@@ -297,7 +341,11 @@ impl Step {
     fn in_pause_window(&self) -> bool {
         matches!(
             self,
-            Step::Pause | Step::SaveMemory { .. } | Step::ActivateDisks | Step::QmpSnapshots { .. }
+            Step::Pause
+                | Step::SaveMemory { .. }
+                | Step::ActivateDisks
+                | Step::QmpSnapshots { .. }
+                | Step::SwitchRbd { .. }
         )
     }
 }
@@ -552,6 +600,22 @@ impl<'a> Exec<'a> {
                     None => layers::create_internal(backend, &disk.image, name).await?,
                 }
             }
+            Step::SwitchRbd { name, disk } => {
+                let clone = disk
+                    .overlay
+                    .as_deref()
+                    .ok_or_else(|| Error::invalid("an RBD switch without its clone"))?;
+                let node = self.node(&disk.vdev);
+                let qmp = self.qmp().await?;
+                let image = RbdBackend::new(&disk.image)?;
+                if !has_internal(Backend::Rbd, &disk.image, name).await {
+                    qonline::create_many_internal(&qmp, &[(node.as_str(), name.as_str())]).await?;
+                }
+                image
+                    .clone_snapshot(name, &RbdSpec::from_path(clone)?)
+                    .await?;
+                crate::rbdlive::switch(&qmp, &node, clone).await?;
+            }
             Step::Resume => {
                 if self.live_state().await? == LiveState::Paused {
                     let at = self.control().await?.resume().await?;
@@ -599,6 +663,14 @@ impl<'a> Exec<'a> {
                 name,
                 ..
             } => {
+                if Backend::parse(backend)? == Backend::Rbd {
+                    // A clone of the layer's snapshot (one left by an interrupted run is taken
+                    // as made: nothing has written to it yet).
+                    RbdBackend::new(layer)?
+                        .clone_snapshot(name, &RbdSpec::from_path(overlay)?)
+                        .await?;
+                    return Ok(());
+                }
                 // Made afresh: a file left by an interrupted run is ours and empty.
                 if overlay.exists() {
                     std::fs::remove_file(overlay).map_err(|e| {
@@ -612,11 +684,16 @@ impl<'a> Exec<'a> {
                 self.rec.current = Some(name.clone());
                 self.lock.save(&self.rec)?;
             }
-            Step::RemoveFile { path } | Step::RemoveMemory { path } => {
-                remove_if_present(path)?;
-                if matches!(step, Step::RemoveMemory { .. }) {
-                    remove_if_present(&crate::qemu::memory_info_path(path))?;
+            Step::RemoveFile { path } => layers::remove_layer(path).await?,
+            Step::FlattenRbd { image, .. } => RbdBackend::new(image)?.flatten().await?,
+            Step::DeleteRbdSnapshot { image, name, .. } => {
+                if has_internal(Backend::Rbd, image, name).await {
+                    RbdBackend::new(image)?.delete_snapshot(name).await?;
                 }
+            }
+            Step::RemoveMemory { path } => {
+                remove_if_present(path)?;
+                remove_if_present(&crate::qemu::memory_info_path(path))?;
             }
             Step::Start { memory, running } => {
                 if self.live_state().await? == LiveState::Shutoff {
@@ -760,6 +837,7 @@ impl<'a> Exec<'a> {
                 Step::SaveMemory { path, .. } => remove_if_present(path)
                     .and_then(|()| remove_if_present(&crate::qemu::memory_info_path(path))),
                 Step::OfflineSnapshot { name, disk } => undo_disk(disk, name).await,
+                Step::SwitchRbd { name, disk } => self.undo_switch(disk, name).await,
                 Step::QmpSnapshots { disks, .. } => {
                     // An aborted transaction may leave overlay files behind; nobody uses them.
                     let mut result = Ok(());
@@ -795,6 +873,28 @@ impl<'a> Exec<'a> {
             Some(e) => Err(e.context("rolling back")),
             None => Ok(()),
         }
+    }
+
+    /// Undoes an RBD switch: QEMU goes back to the image if it moved to the clone, the clone
+    /// and the snapshot go.
+    async fn undo_switch(&mut self, d: &DiskAction, name: &str) -> Result<()> {
+        if let Some(clone) = &d.overlay {
+            let live = matches!(
+                self.live_state().await,
+                Ok(LiveState::Running | LiveState::Paused)
+            );
+            if live {
+                let node = self.node(&d.vdev);
+                let qmp = self.qmp().await?;
+                if crate::rbdlive::image_of(&qmp, &node)
+                    .await?
+                    .is_some_and(|i| layers::same_file(&i, clone))
+                {
+                    crate::rbdlive::switch(&qmp, &node, &d.image).await?;
+                }
+            }
+        }
+        undo_disk(d, name).await
     }
 
     /// Whether the running domain's disk `vdev` has `file` as its active layer.
@@ -842,6 +942,26 @@ impl<'a> Exec<'a> {
                 Step::OfflineSnapshot { name, disk } if !disk_taken(disk, name).await => {
                     return false;
                 }
+                Step::SwitchRbd { disk, .. } => {
+                    if self.ctl.is_none() {
+                        match self.driver.attach(&self.rec).await {
+                            Ok(c) => self.ctl = Some(c),
+                            Err(_) => return false,
+                        }
+                    }
+                    let node = self.node(&disk.vdev);
+                    let moved = match (self.qmp().await, &disk.overlay) {
+                        (Ok(qmp), Some(clone)) => crate::rbdlive::image_of(&qmp, &node)
+                            .await
+                            .ok()
+                            .flatten()
+                            .is_some_and(|i| layers::same_file(&i, clone)),
+                        _ => false,
+                    };
+                    if !moved {
+                        return false;
+                    }
+                }
                 _ => {}
             }
         }
@@ -872,10 +992,18 @@ async fn disk_taken(d: &DiskAction, name: &str) -> bool {
     }
 }
 
-/// Undoes one offline disk snapshot if it is there (a partial overlay is removed too).
+/// Undoes one offline disk snapshot if it is there (a partial overlay is removed too; an RBD
+/// clone and the snapshot it hangs off both go).
 async fn undo_disk(d: &DiskAction, name: &str) -> Result<()> {
     let backend = d.backend()?;
     match &d.overlay {
+        Some(clone) if backend == Backend::Rbd => {
+            layers::remove_layer(clone).await?;
+            if has_internal(backend, &d.image, name).await {
+                RbdBackend::new(&d.image)?.delete_snapshot(name).await?;
+            }
+            Ok(())
+        }
         Some(overlay) => remove_if_present(overlay),
         None if has_internal(backend, &d.image, name).await => {
             layers::delete_internal(backend, &d.image, name).await

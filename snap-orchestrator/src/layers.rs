@@ -230,10 +230,15 @@ pub async fn untracked_users(kind: Backend, layer: &Path, known: &[PathBuf]) -> 
 /// The stem overlays of a disk are named from: the file stem with suffixes `.NAME` and
 /// `.NAME-N` that earlier snapshots of the domain (`names`) added removed.
 pub fn stem_root(path: &Path, names: &[&str]) -> String {
-    let mut stem = path
+    let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "disk".to_string());
+    strip_snapshot_suffixes(stem, names)
+}
+
+/// `stem` with the suffixes `.NAME` and `.NAME-N` that snapshots `names` added removed.
+fn strip_snapshot_suffixes(mut stem: String, names: &[&str]) -> String {
     loop {
         let before = stem.len();
         for name in names {
@@ -276,6 +281,58 @@ pub fn fresh_overlay(beside: &Path, root: &str, snap: &str, taken: &[PathBuf]) -
         .map(|n| dir.join(format!("{root}.{snap}-{n}.{ext}")))
         .find(free)
         .unwrap_or(first)
+}
+
+/// Whether a disk name is an RBD image (`rbd:POOL/IMAGE...`).
+pub fn is_rbd(path: &Path) -> bool {
+    path.to_str()
+        .is_some_and(|t| t.starts_with(snap_backend_rbd::name::PREFIX))
+}
+
+/// A name for the clone an external snapshot `snap` of RBD image `image` makes, in the same
+/// pool and cluster: `ROOT.SNAP`, or `ROOT.SNAP-N` with the smallest free N, where ROOT is the
+/// image name without the suffixes of earlier snapshots (`names`); free in the cluster and not
+/// in `taken`.
+pub async fn fresh_rbd_overlay(
+    image: &Path,
+    snap: &str,
+    names: &[&str],
+    taken: &[PathBuf],
+) -> Result<PathBuf> {
+    let spec = RbdSpec::from_path(image)?.without_snapshot();
+    let root = strip_snapshot_suffixes(spec.image().to_string(), names);
+    for n in 0..1000u32 {
+        let name = match n {
+            0 => format!("{root}.{snap}"),
+            n => format!("{root}.{snap}-{n}"),
+        };
+        let candidate = spec.sibling(spec.pool(), spec.namespace(), &name)?;
+        let path = candidate.to_path();
+        if taken.iter().any(|t| same_file(t, &path)) {
+            continue;
+        }
+        if !RbdBackend::from_spec(candidate)?.exists().await? {
+            return Ok(path);
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Exists,
+        format!("no free image name {root}.{snap}[-N] beside {spec} (N up to 999)"),
+    ))
+}
+
+/// Removes an abandoned layer: a file, or an RBD image once no client has it open (a QEMU
+/// that was just stopped). Gone already is fine; an RBD image with snapshots is refused by rbd.
+pub async fn remove_layer(path: &Path) -> Result<()> {
+    if !is_rbd(path) {
+        return crate::store::remove_if_present(path);
+    }
+    let rbd = RbdBackend::new(path)?;
+    if !rbd.exists().await? {
+        return Ok(());
+    }
+    rbd.wait_unwatched(RBD_CLOSE_WAIT).await?;
+    rbd.remove_image().await
 }
 
 /// Creates an empty overlay at `overlay` whose backing is `layer` (offline).

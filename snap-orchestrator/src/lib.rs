@@ -21,6 +21,7 @@ pub mod layers;
 pub mod logging;
 pub mod qemu;
 pub mod qga;
+pub mod rbdlive;
 pub mod snapshot;
 pub mod store;
 #[cfg(feature = "xen")]

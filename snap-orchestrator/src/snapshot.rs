@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use snap_core::{Error, ErrorKind, Result};
 
+use snap_backend_rbd::RbdBackend;
+
 use crate::disk::human_size;
 use crate::domain::Ctx;
 use crate::exec::{self, DiskAction, Exec, Journal, Step};
@@ -97,6 +99,15 @@ fn frozen_by(rec: &DomainRecord, vdev: &str, path: &Path) -> Option<String> {
             })
         })
         .map(|s| s.name.clone())
+}
+
+/// Whether `image` holds snapshot `name` (an RBD image that is gone holds none).
+async fn has_snapshot(backend: Backend, image: &Path, name: &str) -> Result<bool> {
+    match layers::listing(backend, image).await {
+        Ok(l) => Ok(l.snapshots.iter().any(|s| s.name == name)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether a snapshot record points at `path` for `vdev` (as layer or internal holder).
@@ -197,7 +208,7 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
         let backend = layers::classify(disk)?;
         let image = PathBuf::from(&disk.target);
         let kind = match backend {
-            Backend::Qcow2 if opts.external => DiskKind::External,
+            Backend::Qcow2 | Backend::Rbd if opts.external => DiskKind::External,
             Backend::Vhd => DiskKind::External,
             _ => DiskKind::Internal,
         };
@@ -212,20 +223,14 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
                 backend.as_str()
             )));
         }
-        if backend == Backend::Rbd && opts.external {
-            return Err(Error::unsupported(format!(
-                "disk {}: RBD disks take RBD snapshots in domain snapshots; --external (an RBD \
-                 clone) is not supported for them yet — run without --external",
-                disk.vdev
-            )));
-        }
         if backend == Backend::Lvm && !layers::have_device_mapper() {
             return Err(Error::unsupported(format!(
                 "disk {}: an LV snapshot needs device-mapper, which this kernel does not have",
                 disk.vdev
             )));
         }
-        if matches!(backend, Backend::Qcow2 | Backend::Rbd) && kind == DiskKind::Internal {
+        if backend == Backend::Rbd || backend == Backend::Qcow2 && kind == DiskKind::Internal {
+            // (An RBD external snapshot is an RBD snapshot too, which the clone hangs off.)
             let listing = layers::listing(backend, &image).await?;
             if listing
                 .snapshots
@@ -242,12 +247,22 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
                 .with_path(&image));
             }
         }
-        let overlay = (kind == DiskKind::External).then(|| {
-            let root = layers::stem_root(&image, &names);
-            let path = layers::fresh_overlay(&image, &root, name, &taken);
-            taken.push(path.clone());
-            path
-        });
+        let overlay = match (kind, backend) {
+            (DiskKind::External, Backend::Rbd) => {
+                let path = layers::fresh_rbd_overlay(&image, name, &names, &taken)
+                    .await
+                    .map_err(|e| e.context(format!("disk {}", disk.vdev)))?;
+                taken.push(path.clone());
+                Some(path)
+            }
+            (DiskKind::External, _) => {
+                let root = layers::stem_root(&image, &names);
+                let path = layers::fresh_overlay(&image, &root, name, &taken);
+                taken.push(path.clone());
+                Some(path)
+            }
+            _ => None,
+        };
         disks.push(DiskCreate {
             vdev: disk.vdev.clone(),
             backend,
@@ -273,10 +288,12 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
         .with_path(path));
     }
 
-    // The plan.
+    // The plan. An RBD disk moves to its clone with the guest paused (as do LV snapshots).
+    let switches = |d: &DiskCreate| d.online && d.backend == Backend::Rbd && d.overlay.is_some();
     let offline_lv = disks.iter().any(|d| !d.online) && state == LiveState::Running;
+    let rbd_switch = disks.iter().any(switches) && state == LiveState::Running;
     let pauses = memory == Memory::NonLive && state == LiveState::Running
-        || (memory == Memory::None && offline_lv);
+        || (memory == Memory::None && (offline_lv || rbd_switch));
     let action = |d: &DiskCreate| DiskAction {
         vdev: d.vdev.clone(),
         backend: d.backend.as_str().to_string(),
@@ -297,12 +314,23 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
             live: memory == Memory::Live,
         });
     }
-    let qmp_disks: Vec<DiskAction> = disks.iter().filter(|d| d.online).map(action).collect();
+    let qmp_disks: Vec<DiskAction> = disks
+        .iter()
+        .filter(|d| d.online && !switches(d))
+        .map(action)
+        .collect();
     if live_domain
         && (memory != Memory::None || state == LiveState::Paused)
-        && !qmp_disks.is_empty()
+        && disks.iter().any(|d| d.online)
     {
         steps.push(Step::ActivateDisks);
+    }
+    // RBD switches first: they can be undone if the transaction after them fails.
+    for d in disks.iter().filter(|d| switches(d)) {
+        steps.push(Step::SwitchRbd {
+            name: name.to_string(),
+            disk: action(d),
+        });
     }
     if !qmp_disks.is_empty() {
         steps.push(Step::QmpSnapshots {
@@ -347,7 +375,10 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
                 backend: d.backend.as_str().to_string(),
                 kind: d.kind,
                 path: d.image.clone(),
-                snapshot: (d.kind == DiskKind::Internal).then(|| name.to_string()),
+                // An RBD external snapshot keeps its state in the image's snapshot, which the
+                // clone hangs off.
+                snapshot: (d.kind == DiskKind::Internal || d.backend == Backend::Rbd)
+                    .then(|| name.to_string()),
             })
             .collect(),
     };
@@ -366,11 +397,17 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
         plan.bytes_to_copy = plan.bytes_to_copy.saturating_add(ram);
     }
     plan.pause_window = match (state.clone(), memory) {
+        (LiveState::Running, Memory::Live) if rbd_switch => {
+            "the final stage of the live save, then the RBD snapshots and clones".into()
+        }
         (LiveState::Running, Memory::Live) => {
             "the final stage of the live save (tens of ms)".into()
         }
         (LiveState::Running, Memory::NonLive) => "the whole memory save".into(),
-        (LiveState::Running, Memory::None) if pauses => "the LV snapshots".into(),
+        (LiveState::Running, Memory::None) if offline_lv => "the LV snapshots".into(),
+        (LiveState::Running, Memory::None) if pauses => {
+            "the RBD snapshots and clones (QEMU moves each disk to its clone)".into()
+        }
         (LiveState::Running, Memory::None) => "none (one atomic QMP transaction)".into(),
         _ => "none (the guest is not running)".into(),
     };
@@ -467,8 +504,13 @@ pub enum EndState {
 enum DiskRevert {
     /// Revert the internal snapshot in place; the image becomes the active file.
     Internal { image: PathBuf },
-    /// A new empty overlay on the frozen layer becomes the active file.
-    Overlay { layer: PathBuf, overlay: PathBuf },
+    /// A new empty overlay on the frozen layer (an RBD image: a clone of its `snapshot`)
+    /// becomes the active file.
+    Overlay {
+        layer: PathBuf,
+        overlay: PathBuf,
+        snapshot: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -522,7 +564,11 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
         let active = rec.config.disk(&d.vdev).map(|s| PathBuf::from(&s.target));
         let action = match d.kind {
             DiskKind::Internal => {
-                if let Some(other) = frozen_by(&rec, &d.vdev, &d.path) {
+                // (An RBD image's snapshots never change: rolling back the image leaves the
+                // snapshot clones of an external snapshot hang off alone.)
+                if let Some(other) = frozen_by(&rec, &d.vdev, &d.path)
+                    && backend != Backend::Rbd
+                {
                     return Err(Error::unsupported(format!(
                         "disk {}: snapshot {name}'s internal snapshot lives in {}, which is now \
                          the frozen layer of external snapshot {other}; reverting it in place \
@@ -546,6 +592,24 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
                     image: d.path.clone(),
                 }
             }
+            DiskKind::External if backend == Backend::Rbd => {
+                // A new clone of the image's snapshot becomes the disk.
+                let inner = d.snapshot.clone().unwrap_or_else(|| name.to_string());
+                if !has_snapshot(backend, &d.path, &inner).await? {
+                    return Err(Error::not_found(format!(
+                        "disk {}: snapshot {name}'s RBD snapshot {inner} is missing",
+                        d.vdev
+                    ))
+                    .with_path(&d.path));
+                }
+                let overlay = layers::fresh_rbd_overlay(&d.path, name, &names, &taken).await?;
+                taken.push(overlay.clone());
+                DiskRevert::Overlay {
+                    layer: d.path.clone(),
+                    overlay,
+                    snapshot: inner,
+                }
+            }
             DiskKind::External => {
                 if !d.path.exists() {
                     return Err(Error::not_found(format!(
@@ -560,6 +624,7 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
                 DiskRevert::Overlay {
                     layer: d.path.clone(),
                     overlay,
+                    snapshot: name.to_string(),
                 }
             }
         };
@@ -568,7 +633,7 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
             Some(old)
                 if !referenced(&rec, &d.vdev, old)
                     && !matches!(&action, DiskRevert::Internal { image } if layers::same_file(image, old))
-                    && old.exists() =>
+                    && (old.exists() || backend == Backend::Rbd) =>
             {
                 let holds_snapshots = layers::listing(backend, old)
                     .await
@@ -599,12 +664,16 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
                 image: image.clone(),
                 name: name.to_string(),
             },
-            DiskRevert::Overlay { layer, overlay } => Step::NewOverlay {
+            DiskRevert::Overlay {
+                layer,
+                overlay,
+                snapshot,
+            } => Step::NewOverlay {
                 vdev: d.vdev.clone(),
                 backend: d.backend.as_str().to_string(),
                 layer: layer.clone(),
                 overlay: overlay.clone(),
-                name: name.to_string(),
+                name: snapshot.clone(),
             },
         });
     }
@@ -673,6 +742,15 @@ enum DiskDelete {
     Internal { image: PathBuf, name: String },
     /// Keep the layer: clones of this snapshot read through it.
     Keep { layer: PathBuf, users: Vec<String> },
+    /// An RBD external snapshot: flatten the clones of `image@snapshot`, remove the snapshot,
+    /// then the image when nothing needs it any more.
+    RbdLayer {
+        image: PathBuf,
+        snapshot: String,
+        clones: Vec<PathBuf>,
+        remove_image: bool,
+        bytes: u64,
+    },
     /// Merge a frozen layer into each child, then remove it.
     Layer {
         layer: PathBuf,
@@ -773,7 +851,7 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
             // Where clones of this snapshot hang off (an RBD snapshot, or the frozen layer):
             // kept, not deleted, while clones use it.
             let clone_layer = match (d.kind, backend) {
-                (DiskKind::Internal, Backend::Rbd) => Some(crate::clone::rbd_layer(
+                (_, Backend::Rbd) => Some(crate::clone::rbd_layer(
                     &d.path,
                     d.snapshot.as_deref().unwrap_or(t),
                 )?),
@@ -810,6 +888,10 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                         image: d.path.clone(),
                         name: inner,
                     }
+                }
+                (DiskKind::External, _) if backend == Backend::Rbd => {
+                    let inner = d.snapshot.clone().unwrap_or_else(|| t.clone());
+                    plan_rbd_layer(&sim, t, &d.vdev, &d.path, &inner, active.as_deref()).await?
                 }
                 (DiskKind::External, _) => {
                     if !d.path.exists() {
@@ -918,6 +1000,31 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                         users.join(", ")
                     ));
                 }
+                DiskDelete::RbdLayer {
+                    image,
+                    snapshot,
+                    clones,
+                    remove_image,
+                    bytes,
+                } => {
+                    bytes_total = bytes_total.saturating_add(*bytes);
+                    for clone in clones {
+                        steps.push(Step::FlattenRbd {
+                            vdev: d.vdev.clone(),
+                            image: clone.clone(),
+                        });
+                    }
+                    steps.push(Step::DeleteRbdSnapshot {
+                        vdev: d.vdev.clone(),
+                        image: image.clone(),
+                        name: snapshot.clone(),
+                    });
+                    if *remove_image {
+                        steps.push(Step::RemoveFile {
+                            path: image.clone(),
+                        });
+                    }
+                }
                 DiskDelete::Internal { image, name: inner } => {
                     steps.push(Step::DeleteInternal {
                         vdev: d.vdev.clone(),
@@ -971,6 +1078,78 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
         println!("  {line}");
     }
     Ok(0)
+}
+
+/// Plans the delete of an RBD external snapshot's disk: the clones of `image@snap` are the
+/// disk's later layers (the active disk, or frozen layers of later snapshots) and are flattened;
+/// then the snapshot goes, and the image too unless the domain still needs it (it is the
+/// active disk, another snapshot's, or holds other snapshots). Clones snapctl does not track
+/// are refused, as are tracked clones whose own snapshots would keep reading through the image.
+async fn plan_rbd_layer(
+    rec: &DomainRecord,
+    t: &str,
+    vdev: &str,
+    image: &Path,
+    snap: &str,
+    active: Option<&Path>,
+) -> Result<DiskDelete> {
+    let rbd = RbdBackend::new(image)?;
+    if !rbd.exists().await? {
+        // Gone already (a delete that was interrupted after removing it): nothing to do.
+        return Ok(DiskDelete::RbdLayer {
+            image: image.to_path_buf(),
+            snapshot: snap.to_string(),
+            clones: Vec::new(),
+            remove_image: false,
+            bytes: 0,
+        });
+    }
+    let listing = rbd.list_detailed().await?;
+    let has_snap = listing.snapshots.iter().any(|s| s.name == snap);
+    let clones = if has_snap {
+        rbd.clones_of(snap).await?
+    } else {
+        Vec::new()
+    };
+    let files = exec::tracked_files(rec, vdev);
+    let mut to_flatten = Vec::new();
+    for clone in &clones {
+        let path = clone.to_path();
+        if !files.iter().any(|f| layers::same_file(f, &path)) {
+            return Err(Error::unsupported(format!(
+                "disk {vdev}: {}@{snap} also has the clone {clone}, which snapctl does not track \
+                 for this domain; refusing to flatten it away — flatten or remove it first",
+                listing.image
+            )));
+        }
+        let detail = RbdBackend::from_spec(clone.clone())?
+            .list_detailed()
+            .await?;
+        if !detail.snapshots.is_empty() && !detail.features.iter().any(|f| f == "deep-flatten") {
+            return Err(Error::unsupported(format!(
+                "disk {vdev}: {clone} holds snapshots that read through {}@{snap} and lacks the \
+                 deep-flatten feature, so flattening cannot free them — delete them first",
+                listing.image
+            )));
+        }
+        to_flatten.push(path);
+    }
+    let others_need = rec.snapshots.iter().any(|s| {
+        s.name != t
+            && s.disks
+                .iter()
+                .any(|d| d.vdev == vdev && layers::same_file(&d.path, image))
+    });
+    let remove_image = !others_need
+        && !active.is_some_and(|a| layers::same_file(a, image))
+        && listing.snapshots.iter().all(|s| s.name == snap);
+    Ok(DiskDelete::RbdLayer {
+        image: image.to_path_buf(),
+        snapshot: snap.to_string(),
+        bytes: listing.size.saturating_mul(to_flatten.len() as u64),
+        clones: to_flatten,
+        remove_image,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -87,11 +87,6 @@ fn live_snapshot_on_rbd_revert_continues_and_online_delete() {
         r.describe()
     );
     ceph.rbd(&["snap", "rm", "rbd/gvm@outside"]).ok();
-    // --external is refused for RBD disks, nothing changed.
-    let r = lab.snapctl(["snapshot", "create", name, "x", "--external"]);
-    assert_error_line(&r);
-    assert!(r.stderr.contains("RBD"), "{}", r.describe());
-    assert!(ceph.snap_names("gvm").is_empty());
 
     // A live snapshot: memory saved while the guest runs, the disk's RBD snapshot through QMP.
     let r = lab.ok(&["snapshot", "create", name, "s1", "--live"]);
@@ -139,4 +134,228 @@ fn live_snapshot_on_rbd_revert_continues_and_online_delete() {
     let fresh = resumed_counters(&console, seen, 3);
     assert!(fresh[0] <= 2, "a disk-only revert boots again: {fresh:?}");
     assert_eq!(lab.snapshots(name)["current"], "s2");
+}
+
+/// Whether `rbd/IMAGE` is a clone of `rbd/PARENT@SNAP`.
+fn parent_of(ceph: &Ceph, image: &str) -> Option<String> {
+    let info = ceph.rbd_json(&["info", &format!("rbd/{image}")]);
+    let p = info.get("parent")?;
+    Some(format!(
+        "{}@{}",
+        p["image"].as_str()?,
+        p["snapshot"].as_str()?
+    ))
+}
+
+/// The image name of an `rbd:rbd/IMAGE:conf=...` disk.
+fn image_name(disk: &Path) -> String {
+    let text = disk.to_string_lossy();
+    let rest = text.strip_prefix("rbd:rbd/").expect("rbd:rbd/ name");
+    rest.split(':').next().unwrap().to_string()
+}
+
+/// External snapshots of a running guest on an RBD disk: each is an RBD snapshot, protected and
+/// cloned, and QEMU moves the disk to the clone while the guest is paused; a revert makes a new
+/// clone and drops the abandoned one; a delete flattens the clones and removes what nothing
+/// needs; all while the guest keeps counting.
+#[test]
+fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
+    let Some((kernel, initrd)) = guest() else {
+        return;
+    };
+    let Some(ceph) = Ceph::start() else {
+        return;
+    };
+    let lab = DomainLab::new();
+    let name = "rbd-ext";
+    ceph.create("xvm", "64M");
+    let target = ceph.disk_with_conf("xvm");
+    let console = lab.path("rbd-ext.console");
+    let cfg = lab.write_cfg(
+        name,
+        &guest_cfg(
+            name,
+            &kernel,
+            &initrd,
+            &console,
+            128,
+            &[("xvda", "raw", Path::new(&target))],
+        ),
+    );
+    lab.start(&cfg, name);
+    wait_counter(&console, 5, BOOT);
+
+    // The plan says what happens, and a dry run changes nothing.
+    let r = lab.ok(&[
+        "--dry-run",
+        "snapshot",
+        "create",
+        name,
+        "e1",
+        "--external",
+        "--disk-only",
+    ]);
+    assert!(r.stdout.contains("QEMU moves the disk"), "{}", r.describe());
+    assert!(r.stdout.contains("pause the guest"), "{}", r.describe());
+    assert!(ceph.snap_names("xvm").is_empty());
+    assert_eq!(ceph.images(), ["xvm"]);
+
+    // e1: disk-only, external. The guest pauses while its disk moves to the clone xvm.e1.
+    let r = lab.ok(&[
+        "snapshot",
+        "create",
+        name,
+        "e1",
+        "--external",
+        "--disk-only",
+    ]);
+    assert!(r.stdout.contains("guest paused"), "{}", r.describe());
+    assert_eq!(ceph.snap_names("xvm"), ["e1"]);
+    assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e1");
+    assert_eq!(parent_of(&ceph, "xvm.e1").as_deref(), Some("xvm@e1"));
+    let info = lab.info(name, "e1");
+    assert_eq!(info["disks"][0]["kind"], "external");
+    assert_eq!(info["disks"][0]["path"], target);
+    let n1 = rbd_counter(&ceph, "xvm@e1").expect("counter in xvm@e1");
+    // The guest writes on into the clone; the base stays as the snapshot froze it.
+    let later = wait_counter(&console, n1 + 15, BOOT);
+    assert!(wait_until(BOOT, || rbd_counter(&ceph, "xvm.e1")
+        .is_some_and(|c| c > n1 + 5)));
+    assert_eq!(
+        rbd_counter(&ceph, "xvm"),
+        Some(n1),
+        "the base was written after e1"
+    );
+    assert!(later > n1);
+
+    // e2: live, with memory, external on the clone.
+    let r = lab.ok(&["snapshot", "create", name, "e2", "--external", "--live"]);
+    assert!(r.stdout.contains("memory saved live"), "{}", r.describe());
+    assert_eq!(ceph.snap_names("xvm.e1"), ["e2"]);
+    assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e2");
+    assert_eq!(parent_of(&ceph, "xvm.e2").as_deref(), Some("xvm.e1@e2"));
+    let n2 = rbd_counter(&ceph, "xvm.e1@e2").expect("counter in xvm.e1@e2");
+    assert!(n2 > n1);
+
+    // Revert to e2: a new clone of xvm.e1@e2 (xvm.e2 is taken), the guest resumes from n2, and
+    // the abandoned xvm.e2 (no snapshot needs it) is removed.
+    let later = wait_counter(&console, n2 + 20, BOOT);
+    let seen = console_counters(&console).len();
+    lab.ok(&["snapshot", "revert", name, "e2"]);
+    let new = resumed_counters(&console, seen, 5);
+    assert!(
+        new[0] >= n2 && new[0] <= n2 + 2 && new[0] < later,
+        "after the revert the guest must continue from e2's counter {n2}: {new:?}"
+    );
+    assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e2-1");
+    assert_eq!(parent_of(&ceph, "xvm.e2-1").as_deref(), Some("xvm.e1@e2"));
+    assert_eq!(ceph.images(), ["xvm", "xvm.e1", "xvm.e2-1"]);
+
+    // Delete e1 while the guest runs: xvm.e1 (e2's layer) is flattened, xvm@e1 and then xvm
+    // itself go. What the guest sees does not change.
+    let seen = console_counters(&console).len();
+    let r = lab.ok(&["snapshot", "delete", name, "e1"]);
+    assert!(r.stdout.contains("deleted snapshot e1"), "{}", r.describe());
+    assert_eq!(ceph.images(), ["xvm.e1", "xvm.e2-1"]);
+    assert_eq!(parent_of(&ceph, "xvm.e1"), None);
+    assert_eq!(rbd_counter(&ceph, "xvm.e1@e2"), Some(n2));
+    // Delete e2: the running disk xvm.e2-1 is flattened (through QEMU, which owns its lock),
+    // then xvm.e1@e2 and xvm.e1 go.
+    lab.ok(&["snapshot", "delete", name, "e2"]);
+    assert_eq!(ceph.images(), ["xvm.e2-1"]);
+    assert_eq!(parent_of(&ceph, "xvm.e2-1"), None);
+    assert!(wait_until(BOOT, || console_counters(&console).len() >= seen + 10));
+    let after = console_counters(&console).split_off(seen);
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "the guest kept running through both deletes: {after:?}"
+    );
+    assert!(
+        lab.snapshots(name)["snapshots"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    );
+
+    // Shut off: an external snapshot is a plain clone, and a revert to it a fresh one. (Names
+    // grow from the image's: e2 is gone, so "xvm.e2-1" is a plain name now.)
+    lab.ok(&["domain", "destroy", name]);
+    lab.ok(&["snapshot", "create", name, "e3", "--external"]);
+    assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e2-1.e3");
+    assert_eq!(
+        parent_of(&ceph, "xvm.e2-1.e3").as_deref(),
+        Some("xvm.e2-1@e3")
+    );
+    lab.ok(&["snapshot", "revert", name, "e3"]);
+    assert_eq!(lab.state_of(name), "shutoff");
+    assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e2-1.e3-1");
+    assert_eq!(ceph.images(), ["xvm.e2-1", "xvm.e2-1.e3-1"]);
+    assert!(ceph.qemu_same("xvm.e2-1.e3-1", "xvm.e2-1@e3"));
+    // Deleting e3 offline: the clone is flattened, then xvm.e2-1@e3 and xvm.e2-1 (nothing else
+    // needs it) go.
+    lab.ok(&["snapshot", "delete", name, "e3"]);
+    assert_eq!(ceph.images(), ["xvm.e2-1.e3-1"]);
+    assert_eq!(parent_of(&ceph, "xvm.e2-1.e3-1"), None);
+}
+
+/// A kill in the middle of an online RBD switch: just before it, the next snapctl rolls the
+/// create back (no snapshot, no clone, the guest runs on the image); just after it, the next
+/// snapctl finds QEMU on the clone and finishes the create.
+#[test]
+fn killed_rbd_switch_is_rolled_back_or_finished() {
+    let Some((kernel, initrd)) = guest() else {
+        return;
+    };
+    let Some(ceph) = Ceph::start() else {
+        return;
+    };
+    let lab = DomainLab::new();
+    let name = "rbd-kill";
+    ceph.create("kvm", "64M");
+    let target = ceph.disk_with_conf("kvm");
+    let console = lab.path("rbd-kill.console");
+    let cfg = lab.write_cfg(
+        name,
+        &guest_cfg(
+            name,
+            &kernel,
+            &initrd,
+            &console,
+            128,
+            &[("xvda", "raw", Path::new(&target))],
+        ),
+    );
+    lab.start(&cfg, name);
+    wait_counter(&console, 3, BOOT);
+    // The plan: pause (1), the switch (2), resume (3), record (4).
+    let crash = |when: &str| {
+        let mut cmd = snapctl();
+        cmd.arg("--state-dir")
+            .arg(lab.state())
+            .args(["snapshot", "create", name, "k", "--external", "--disk-only"])
+            .env("SNAPCTL_TEST_CRASH", when);
+        let r = run(&mut cmd);
+        assert_eq!(r.code, Some(86), "{}", r.describe());
+    };
+
+    crash("before:1");
+    let r = lab.ok(&["snapshot", "list", name]);
+    assert!(r.stderr.contains("rolled back"), "{}", r.describe());
+    assert!(ceph.snap_names("kvm").is_empty());
+    assert_eq!(ceph.images(), ["kvm"]);
+    assert_eq!(lab.state_of(name), "running");
+    let c = console_counters(&console).len();
+    assert!(wait_until(BOOT, || console_counters(&console).len() > c + 3));
+
+    crash("after:1");
+    let r = lab.ok(&["snapshot", "list", name]);
+    assert!(r.stderr.contains("finished"), "{}", r.describe());
+    assert_eq!(ceph.snap_names("kvm"), ["k"]);
+    assert_eq!(image_name(&lab.active(name, "xvda")), "kvm.k");
+    assert_eq!(lab.snapshots(name)["current"], "k");
+    assert_eq!(lab.state_of(name), "running");
+    let c = console_counters(&console).len();
+    assert!(wait_until(BOOT, || console_counters(&console).len() > c + 3));
+    assert!(wait_until(BOOT, || rbd_counter(&ceph, "kvm.k")
+        .zip(rbd_counter(&ceph, "kvm@k"))
+        .is_some_and(|(now, then)| now > then)));
 }
