@@ -20,7 +20,7 @@ use crate::format::SECTOR;
 use crate::format::footer::{DiskType, vhd_time_from_unix};
 use crate::format::header::PlatformCode;
 use crate::format::locator::{self, ParentPolicy};
-use crate::image::{Vhd, chunk_len};
+use crate::image::{SectorRun, Vhd, chunk_len};
 
 /// Granularity of guest writes: one sector-bitmap byte (8 sectors).
 pub const WRITE_GRAIN: u64 = 8 * SECTOR;
@@ -225,6 +225,90 @@ impl<IO: BlockIo> Chain<IO> {
     /// the child used to read through from `level` (data first, bitmap bit after), so an
     /// interrupted coalesce can simply be run again; layer `level` is only read.
     pub fn coalesce_into_child(&mut self, level: usize) -> Result<u64> {
+        self.coalesce_into_child_with_progress(level, |_, _| true)
+    }
+
+    /// The bytes [`coalesce_into_child`](Self::coalesce_into_child) would copy from layer
+    /// `level` into its child: the sectors the layer has and the child lacks. Only reads.
+    pub fn coalesce_bytes(&self, level: usize) -> Result<u64> {
+        let (child, layer) = self.coalesce_pair(level)?;
+        let mut sectors = 0u64;
+        for_each_gap(
+            &layer.image,
+            &mut &child.image,
+            child.image.size(),
+            |child, sector, count| child.sector_runs(sector, count),
+            |_, gap, _| {
+                sectors += gap.count;
+                Ok(true)
+            },
+        )?;
+        Ok(sectors * SECTOR)
+    }
+
+    /// [`coalesce_into_child`](Self::coalesce_into_child), telling `progress` (done, total)
+    /// bytes after each committed write into the child (its data, bitmaps and BAT entries are
+    /// flushed then): `done` grows with every call and the last call has `done == total`,
+    /// where `total` is [`coalesce_bytes`](Self::coalesce_bytes) (nothing is called when there
+    /// is nothing to copy). `progress` returns whether to go on: `false` stops there with
+    /// [`ErrorKind::Cancelled`], leaving a chain whose guest view is unchanged — running the
+    /// coalesce again finishes it.
+    pub fn coalesce_into_child_with_progress(
+        &mut self,
+        level: usize,
+        mut progress: impl FnMut(u64, u64) -> bool,
+    ) -> Result<u64> {
+        let total = self.coalesce_bytes(level)?;
+        let (upper, lower) = self.split_for_coalesce(level)?;
+        let child_size = upper.image.size();
+        let mut copied = 0u64;
+        for_each_gap(
+            &lower.image,
+            &mut upper.image,
+            child_size,
+            |child, sector, count| child.sector_runs(sector, count),
+            |child, gap, layer_at| {
+                let mut data = vec![0u8; usize::try_from(gap.count * SECTOR).unwrap_or(0)];
+                lower.image.read_run(layer_at, &mut data)?;
+                child.write_sectors(gap.sector, &data)?;
+                copied += gap.count;
+                Ok(progress((copied * SECTOR).min(total), total))
+            },
+        )
+        .and_then(|finished| {
+            if finished {
+                Ok(copied)
+            } else {
+                Err(Error::new(
+                    ErrorKind::Cancelled,
+                    format!(
+                        "stopped after copying {} of {total} bytes; the chain is intact and unchanged for \
+                         the guest — run the same command again to finish",
+                        copied * SECTOR
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// Layer `level - 1` (the child) and layer `level`, for reading.
+    fn coalesce_pair(&self, level: usize) -> Result<(&Layer<IO>, &Layer<IO>)> {
+        if level == 0 || level >= self.layers.len() {
+            return Err(Error::invalid("no such layer below the active one"));
+        }
+        let child = self
+            .layers
+            .get(level - 1)
+            .ok_or_else(|| Error::invalid("no child layer"))?;
+        let layer = self
+            .layers
+            .get(level)
+            .ok_or_else(|| Error::invalid("no layer to coalesce"))?;
+        Ok((child, layer))
+    }
+
+    /// Layer `level - 1` (the child, writable) and layer `level`.
+    fn split_for_coalesce(&mut self, level: usize) -> Result<(&mut Layer<IO>, &Layer<IO>)> {
         if level == 0 || level >= self.layers.len() {
             return Err(Error::invalid("no such layer below the active one"));
         }
@@ -235,32 +319,43 @@ impl<IO: BlockIo> Chain<IO> {
         let layer = lower
             .first()
             .ok_or_else(|| Error::invalid("no layer to coalesce"))?;
-        let total = layer.image.size().min(child.image.size()) / SECTOR;
-        let step = (chunk_len(u64::MAX) as u64 / SECTOR).max(1);
-        let mut copied = 0u64;
-        let mut s = 0u64;
-        while s < total {
-            let count = step.min(total - s);
-            for run in layer.image.sector_runs(s, count)? {
-                let Some(run_at) = run.file_offset else {
+        Ok((child, layer))
+    }
+}
+
+/// Calls `visit(child, gap, offset)` for every run of sectors `layer` has and the child (of
+/// `child_size` bytes) lacks, in guest order, with the run's offset in `layer`'s file.
+/// `child_runs(child, sector, count)` tells how the child keeps a range; it is asked about a
+/// range only after every earlier gap was visited. Each gap lies inside one `COPY_CHUNK` piece
+/// of the guest range. Stops when `visit` returns `false`; returns whether it went through.
+fn for_each_gap<IO: BlockIo, C>(
+    layer: &Vhd<IO>,
+    child: &mut C,
+    child_size: u64,
+    child_runs: impl Fn(&C, u64, u64) -> Result<Vec<SectorRun>>,
+    mut visit: impl FnMut(&mut C, SectorRun, u64) -> Result<bool>,
+) -> Result<bool> {
+    let total = layer.size().min(child_size) / SECTOR;
+    let step = (chunk_len(u64::MAX) as u64 / SECTOR).max(1);
+    let mut s = 0u64;
+    while s < total {
+        let count = step.min(total - s);
+        for run in layer.sector_runs(s, count)? {
+            let Some(run_at) = run.file_offset else {
+                continue;
+            };
+            for gap in child_runs(child, run.sector, run.count)? {
+                if gap.file_offset.is_some() {
                     continue;
-                };
-                for gap in child.image.sector_runs(run.sector, run.count)? {
-                    if gap.file_offset.is_some() {
-                        continue;
-                    }
-                    let mut data = vec![0u8; usize::try_from(gap.count * SECTOR).unwrap_or(0)];
-                    layer
-                        .image
-                        .read_run(run_at + (gap.sector - run.sector) * SECTOR, &mut data)?;
-                    child.image.write_sectors(gap.sector, &data)?;
-                    copied += gap.count;
+                }
+                if !visit(child, gap, run_at + (gap.sector - run.sector) * SECTOR)? {
+                    return Ok(false);
                 }
             }
-            s += count;
         }
-        Ok(copied)
+        s += count;
     }
+    Ok(true)
 }
 
 fn too_deep() -> Error {

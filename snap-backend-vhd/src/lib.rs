@@ -34,7 +34,8 @@ pub use format::locator::ParentPolicy;
 pub use image::{ParentLink, SectorRun, Vhd};
 pub use ops::{
     DeleteOutcome, check_path, create_differencing, create_dynamic, create_external,
-    default_overlay_path, delete_layer, delete_layer_with, list_path, probe, revert_to_layer,
+    default_overlay_path, delete_layer, delete_layer_with, delete_layer_with_progress, list_path,
+    probe, revert_to_layer,
 };
 
 /// The footer cookie that identifies a VHD file (its last 512 bytes, and a copy at offset 0 for

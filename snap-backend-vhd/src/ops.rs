@@ -388,7 +388,23 @@ pub struct DeleteOutcome {
 /// still names it as parent. The guest view of IMAGE never changes at any moment, so an
 /// interrupted delete can be run again; PATH's parent is never written.
 pub fn delete_layer(image: &Path, layer: &Path, policy: ParentPolicy) -> Result<DeleteOutcome> {
-    delete_layer_with(image, layer, policy, |_, io| io)
+    delete_layer_with_progress(image, layer, policy, |_, _| true)
+}
+
+/// [`delete_layer`], telling `progress` (done, total) bytes copied into the child after each
+/// committed write (see [`Chain::coalesce_into_child_with_progress`]); `done` grows to
+/// `total`. `progress` returns whether to go on: `false` stops the copy there with
+/// [`ErrorKind::Cancelled`], before the relink, leaving a chain whose guest view is unchanged
+/// — running the same delete again finishes it.
+///
+/// [`Chain::coalesce_into_child_with_progress`]: crate::Chain::coalesce_into_child_with_progress
+pub fn delete_layer_with_progress(
+    image: &Path,
+    layer: &Path,
+    policy: ParentPolicy,
+    progress: impl FnMut(u64, u64) -> bool,
+) -> Result<DeleteOutcome> {
+    delete_layer_steps(image, layer, policy, |_, io| io, progress)
 }
 
 /// [`delete_layer`] with each layer's file I/O passed through `wrap(level, io)` (level 0 is the
@@ -400,6 +416,16 @@ pub fn delete_layer_with<IO: BlockIo>(
     layer: &Path,
     policy: ParentPolicy,
     wrap: impl FnMut(usize, FileIo) -> IO,
+) -> Result<DeleteOutcome> {
+    delete_layer_steps(image, layer, policy, wrap, |_, _| true)
+}
+
+fn delete_layer_steps<IO: BlockIo>(
+    image: &Path,
+    layer: &Path,
+    policy: ParentPolicy,
+    wrap: impl FnMut(usize, FileIo) -> IO,
+    progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<DeleteOutcome> {
     let wanted =
         std::fs::canonicalize(layer).map_err(|e| Error::io("resolve layer", e).with_path(layer))?;
@@ -440,7 +466,7 @@ pub fn delete_layer_with<IO: BlockIo>(
         None => None,
     };
     let sectors_copied = chain
-        .coalesce_into_child(index)
+        .coalesce_into_child_with_progress(index, progress)
         .map_err(|e| e.context("copy layer data into its child"))?;
     let child = chain
         .image_mut(index - 1)

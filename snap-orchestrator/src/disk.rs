@@ -599,7 +599,8 @@ async fn check_vhd(image: &Path, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-/// `disk delete IMAGE --layer PATH` for VHD chains: coalesce into the child, reparent.
+/// `disk delete IMAGE --layer PATH` for VHD chains: coalesce into the child (progress bar),
+/// reparent.
 async fn delete_vhd_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u8> {
     let (image, layer) = (image.to_path_buf(), layer.to_path_buf());
     if dry_run {
@@ -641,7 +642,21 @@ async fn delete_vhd_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u
         return Ok(0);
     }
     let out = blocking(move || {
-        snap_backend_vhd::delete_layer(&image, &layer, Default::default()).map(|o| (o, layer))
+        let bar = progress_bar();
+        let mut show = show_progress(&bar);
+        let result = snap_backend_vhd::delete_layer_with_progress(
+            &image,
+            &layer,
+            Default::default(),
+            |done, total| {
+                show(done, total);
+                true
+            },
+        );
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        result.map(|o| (o, layer))
     })
     .await?;
     let (outcome, layer) = out;
