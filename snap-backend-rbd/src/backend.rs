@@ -574,6 +574,31 @@ impl RbdBackend {
         }
     }
 
+    /// Protects the existing snapshot `snap` and clones it into the new image `target`, without
+    /// the reads [`clone_snapshot`](Self::clone_snapshot) checks with first: two rbd commands,
+    /// for callers that checked with [`plan_clone`](Self::plan_clone) earlier and now hold a
+    /// paused guest. The snapshot is unprotected again when the clone fails.
+    pub async fn protect_and_clone(&self, snap: &str, target: &RbdSpec) -> Result<RbdSpec> {
+        let target = target.clone().inherit_cluster(&self.spec);
+        let at = self.spec.at_snapshot(snap)?;
+        self.rbd
+            .run(&["snap".into(), "protect".into(), at.arg()])
+            .await
+            .map_err(|e| self.image_error(&self.spec, e))?;
+        if let Err(e) = self
+            .rbd
+            .run(&["clone".into(), at.arg(), target.image_arg()])
+            .await
+        {
+            let _ = self
+                .rbd
+                .run(&["snap".into(), "unprotect".into(), at.arg()])
+                .await;
+            return Err(self.image_error(&self.spec, e));
+        }
+        Ok(target)
+    }
+
     /// Removes the image itself (`rbd rm`; it must have no snapshots). An image that does not
     /// exist is taken as removed.
     pub async fn remove_image(&self) -> Result<()> {

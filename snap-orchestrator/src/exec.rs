@@ -605,14 +605,13 @@ impl<'a> Exec<'a> {
                     .overlay
                     .as_deref()
                     .ok_or_else(|| Error::invalid("an RBD switch without its clone"))?;
+                // Inside the pause window: the plan checked the names and the layering
+                // feature, so this is one QMP snapshot, two rbd commands and the switch.
                 let node = self.node(&disk.vdev);
                 let qmp = self.qmp().await?;
-                let image = RbdBackend::new(&disk.image)?;
-                if !has_internal(Backend::Rbd, &disk.image, name).await {
-                    qonline::create_many_internal(&qmp, &[(node.as_str(), name.as_str())]).await?;
-                }
-                image
-                    .clone_snapshot(name, &RbdSpec::from_path(clone)?)
+                qonline::create_many_internal(&qmp, &[(node.as_str(), name.as_str())]).await?;
+                RbdBackend::new(&disk.image)?
+                    .protect_and_clone(name, &RbdSpec::from_path(clone)?)
                     .await?;
                 crate::rbdlive::switch(&qmp, &node, clone).await?;
             }
@@ -685,7 +684,12 @@ impl<'a> Exec<'a> {
                 self.lock.save(&self.rec)?;
             }
             Step::RemoveFile { path } => layers::remove_layer(path).await?,
-            Step::FlattenRbd { image, .. } => RbdBackend::new(image)?.flatten().await?,
+            Step::FlattenRbd { image, .. } => {
+                let rbd = RbdBackend::new(image)?;
+                if rbd.exists().await? {
+                    rbd.flatten().await?;
+                }
+            }
             Step::DeleteRbdSnapshot { image, name, .. } => {
                 if has_internal(Backend::Rbd, image, name).await {
                     RbdBackend::new(image)?.delete_snapshot(name).await?;
@@ -770,8 +774,11 @@ impl<'a> Exec<'a> {
                 backend,
                 layer,
             } => {
-                if layer.exists() {
-                    let backend = Backend::parse(backend)?;
+                let backend = Backend::parse(backend)?;
+                if backend == Backend::Rbd {
+                    // rbd refuses to remove an image with snapshots, hence with clones.
+                    layers::remove_layer(layer).await?;
+                } else if layer.exists() {
                     let files = tracked_files(&self.rec, vdev);
                     let users = layers::children_of(backend, layer, &files).await?;
                     if let Some(user) = users.first() {

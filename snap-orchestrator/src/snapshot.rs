@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use snap_core::{Error, ErrorKind, Result};
 
-use snap_backend_rbd::RbdBackend;
+use snap_backend_rbd::{RbdBackend, RbdSpec};
 
 use crate::disk::human_size;
 use crate::domain::Ctx;
@@ -250,6 +250,11 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
         let overlay = match (kind, backend) {
             (DiskKind::External, Backend::Rbd) => {
                 let path = layers::fresh_rbd_overlay(&image, name, &names, &taken)
+                    .await
+                    .map_err(|e| e.context(format!("disk {}", disk.vdev)))?;
+                // The clone can be made (layering, names): checked now, not in the pause.
+                RbdBackend::new(&image)?
+                    .plan_clone(name, Some(&RbdSpec::from_path(&path)?))
                     .await
                     .map_err(|e| e.context(format!("disk {}", disk.vdev)))?;
                 taken.push(path.clone());
@@ -823,6 +828,8 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
     let clone_users = |layer: &Path| registry.users(layer, &ctx.store);
     let mut sim = rec.clone();
     let mut per_target: Vec<(String, Vec<DeleteDisk>)> = Vec::new();
+    // RBD images that earlier targets' plans remove (their clones need no flatten).
+    let mut doomed: Vec<PathBuf> = Vec::new();
     for t in &targets {
         let snap = sim.get(t)?.clone();
         let mut disks = Vec::new();
@@ -891,7 +898,25 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                 }
                 (DiskKind::External, _) if backend == Backend::Rbd => {
                     let inner = d.snapshot.clone().unwrap_or_else(|| t.clone());
-                    plan_rbd_layer(&sim, t, &d.vdev, &d.path, &inner, active.as_deref()).await?
+                    let action = plan_rbd_layer(
+                        &sim,
+                        t,
+                        &d.vdev,
+                        &d.path,
+                        &inner,
+                        active.as_deref(),
+                        &doomed,
+                    )
+                    .await?;
+                    if let DiskDelete::RbdLayer {
+                        image,
+                        remove_image: true,
+                        ..
+                    } = &action
+                    {
+                        doomed.push(image.clone());
+                    }
+                    action
                 }
                 (DiskKind::External, _) => {
                     if !d.path.exists() {
@@ -1020,8 +1045,10 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                         name: snapshot.clone(),
                     });
                     if *remove_image {
-                        steps.push(Step::RemoveFile {
-                            path: image.clone(),
+                        steps.push(Step::RemoveLayer {
+                            vdev: d.vdev.clone(),
+                            backend,
+                            layer: image.clone(),
                         });
                     }
                 }
@@ -1085,6 +1112,7 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
 /// then the snapshot goes, and the image too unless the domain still needs it (it is the
 /// active disk, another snapshot's, or holds other snapshots). Clones snapctl does not track
 /// are refused, as are tracked clones whose own snapshots would keep reading through the image.
+/// Clones in `doomed` are removed by an earlier part of the same delete and left alone.
 async fn plan_rbd_layer(
     rec: &DomainRecord,
     t: &str,
@@ -1092,6 +1120,7 @@ async fn plan_rbd_layer(
     image: &Path,
     snap: &str,
     active: Option<&Path>,
+    doomed: &[PathBuf],
 ) -> Result<DiskDelete> {
     let rbd = RbdBackend::new(image)?;
     if !rbd.exists().await? {
@@ -1115,6 +1144,9 @@ async fn plan_rbd_layer(
     let mut to_flatten = Vec::new();
     for clone in &clones {
         let path = clone.to_path();
+        if doomed.iter().any(|d| layers::same_file(d, &path)) {
+            continue;
+        }
         if !files.iter().any(|f| layers::same_file(f, &path)) {
             return Err(Error::unsupported(format!(
                 "disk {vdev}: {}@{snap} also has the clone {clone}, which snapctl does not track \

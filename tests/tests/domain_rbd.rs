@@ -210,6 +210,7 @@ fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
         "--disk-only",
     ]);
     assert!(r.stdout.contains("guest paused"), "{}", r.describe());
+    eprintln!("{}", r.stdout.trim());
     assert_eq!(ceph.snap_names("xvm"), ["e1"]);
     assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e1");
     assert_eq!(parent_of(&ceph, "xvm.e1").as_deref(), Some("xvm@e1"));
@@ -231,6 +232,7 @@ fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
     // e2: live, with memory, external on the clone.
     let r = lab.ok(&["snapshot", "create", name, "e2", "--external", "--live"]);
     assert!(r.stdout.contains("memory saved live"), "{}", r.describe());
+    eprintln!("{}", r.stdout.trim());
     assert_eq!(ceph.snap_names("xvm.e1"), ["e2"]);
     assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e2");
     assert_eq!(parent_of(&ceph, "xvm.e2").as_deref(), Some("xvm.e1@e2"));
@@ -249,6 +251,22 @@ fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
     );
     assert_eq!(image_name(&lab.active(name, "xvda")), "xvm.e2-1");
     assert_eq!(parent_of(&ceph, "xvm.e2-1").as_deref(), Some("xvm.e1@e2"));
+    assert_eq!(ceph.images(), ["xvm", "xvm.e1", "xvm.e2-1"]);
+
+    // The plan of deleting both at once: the running disk is flattened, each snapshot goes
+    // and each image after it (xvm.e1, e2's, needs no flatten since it goes too).
+    let r = lab.ok(&["--dry-run", "snapshot", "delete", name, "e1", "--children"]);
+    let plan = &r.stdout;
+    let flattens: Vec<&str> = plan.lines().filter(|l| l.contains("flatten")).collect();
+    assert_eq!(flattens.len(), 1, "{plan}");
+    assert!(flattens[0].contains("xvm.e2-1"), "{plan}");
+    for gone in ["rbd:rbd/xvm.e1:", "rbd:rbd/xvm:"] {
+        assert!(
+            plan.lines()
+                .any(|l| l.contains("remove ") && l.contains(gone)),
+            "{gone} is removed: {plan}"
+        );
+    }
     assert_eq!(ceph.images(), ["xvm", "xvm.e1", "xvm.e2-1"]);
 
     // Delete e1 while the guest runs: xvm.e1 (e2's layer) is flattened, xvm@e1 and then xvm
@@ -295,6 +313,22 @@ fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
     lab.ok(&["snapshot", "delete", name, "e3"]);
     assert_eq!(ceph.images(), ["xvm.e2-1.e3-1"]);
     assert_eq!(parent_of(&ceph, "xvm.e2-1.e3-1"), None);
+
+    // A gold clone of an external snapshot is an rbd clone of its RBD snapshot, which a delete
+    // then keeps (with the domain's own clone hanging off it too).
+    lab.ok(&["snapshot", "create", name, "e4", "--external"]);
+    lab.ok(&["snapshot", "clone", name, "e4", "cx", "--shutoff"]);
+    assert_eq!(
+        parent_of(&ceph, "xvm.e2-1.e3-1.cx").as_deref(),
+        Some("xvm.e2-1.e3-1@e4")
+    );
+    let r = lab.ok(&["snapshot", "delete", name, "e4"]);
+    assert!(r.stdout.contains("kept"), "{}", r.describe());
+    assert_eq!(ceph.snap_names("xvm.e2-1.e3-1"), ["e4"]);
+    assert_eq!(
+        parent_of(&ceph, "xvm.e2-1.e3-1.e4").as_deref(),
+        Some("xvm.e2-1.e3-1@e4")
+    );
 }
 
 /// A kill in the middle of an online RBD switch: just before it, the next snapctl rolls the
