@@ -310,16 +310,52 @@ impl<'a, IO: BlockIo> Txn<'a, IO> {
         Ok(offset)
     }
 
-    /// Allocates `clusters` contiguous clusters past the end and extends the file over them at
-    /// once: writes into a hole inside the file are several times faster than writes that grow
-    /// the file one at a time (measured on ext4: 3.7 GB/s vs 0.47 GB/s).
+    /// Allocates `clusters` contiguous clusters past the end, for data about to be written into
+    /// every one of them, and extends the file over them at once: writes into a hole inside the
+    /// file are several times faster than writes that grow the file one at a time (measured on
+    /// ext4: 3.7 GB/s vs 0.47 GB/s). Where the file system can, their blocks are allocated now
+    /// too (`fallocate`), in one contiguous request instead of piece by piece as write-back
+    /// reaches them (a 1 GiB layer merge here, up to the relink: 2.97 s -> 2.40 s, medians of
+    /// six alternating runs). Either way the new clusters read as zeroes until written and lie
+    /// past everything the image references; an aborted transaction truncates them away.
     pub(crate) fn reserve(&mut self, clusters: u64) -> Result<u64> {
         let offset = self.alloc(clusters)?;
         if clusters > 0 && self.img.io.len()? < self.cursor {
             self.wrote = true;
-            self.img.io.set_len(self.cursor)?;
+            if !self.preallocate(offset, self.cursor)? {
+                self.img.io.set_len(self.cursor)?;
+            }
         }
         Ok(offset)
+    }
+
+    /// Allocates the blocks of `start..end` (past the file's end) and extends the file to `end`,
+    /// when the I/O exposes its file and the file system supports it; `Ok(false)` otherwise.
+    fn preallocate(&self, start: u64, end: u64) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        let Some(file) = self.img.io.file() else {
+            return Ok(false);
+        };
+        let (Ok(offset), Ok(len)) = (i64::try_from(start), i64::try_from(end - start)) else {
+            return Ok(false);
+        };
+        match nix::fcntl::fallocate(
+            file.as_raw_fd(),
+            nix::fcntl::FallocateFlags::empty(),
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(true),
+            Err(
+                nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::ENOSYS
+                | nix::errno::Errno::EINVAL,
+            ) => Ok(false),
+            Err(e) => Err(
+                Error::io("allocate space for new clusters", std::io::Error::from(e))
+                    .with_offset(start),
+            ),
+        }
     }
 
     /// Writes new metadata (only ever into clusters this transaction allocated).
