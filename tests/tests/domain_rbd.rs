@@ -393,3 +393,61 @@ fn killed_rbd_switch_is_rolled_back_or_finished() {
         .zip(rbd_counter(&ceph, "kvm@k"))
         .is_some_and(|(now, then)| now > then)));
 }
+
+/// Refusals of RBD external snapshots change nothing in the cluster: an image without the
+/// layering feature cannot be cloned (refused while planning), and a delete refuses to flatten
+/// a clone of the snapshot that the domain does not track.
+#[test]
+fn refused_rbd_external_operations_change_nothing() {
+    if !have_qemu_system() {
+        return;
+    }
+    let Some(ceph) = Ceph::start() else {
+        return;
+    };
+    let lab = DomainLab::new();
+    ceph.rbd(&[
+        "create",
+        "--size",
+        "16M",
+        "--image-feature",
+        "exclusive-lock",
+        "rbd/flat",
+    ])
+    .ok();
+    ceph.create("lay", "16M");
+    ceph.write("lay", 0, 65536, 0x5a);
+    let define = |name: &str, image: &str| {
+        let target = ceph.disk_with_conf(image);
+        let cfg = lab.write_cfg(
+            name,
+            &plain_cfg(name, &[("xvda", "raw", Path::new(&target))]),
+        );
+        lab.start(&cfg, name);
+        lab.ok(&["domain", "destroy", name]);
+    };
+    define("noflat", "flat");
+    define("lay", "lay");
+
+    let before = ceph.fingerprint(&["flat", "lay"]);
+    let r = lab.snapctl(["snapshot", "create", "noflat", "s", "--external"]);
+    assert_error_line(&r);
+    assert!(r.stderr.contains("layering"), "{}", r.describe());
+    assert_eq!(ceph.fingerprint(&["flat", "lay"]), before);
+    assert!(
+        lab.snapshots("noflat")["snapshots"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    );
+
+    // An outside clone of the snapshot's RBD snapshot: the delete refuses to flatten it away.
+    lab.ok(&["snapshot", "create", "lay", "e", "--external"]);
+    ceph.rbd(&["clone", "rbd/lay@e", "rbd/outsider"]).ok();
+    let before = ceph.fingerprint(&["lay", "lay.e", "outsider"]);
+    let r = lab.snapctl(["snapshot", "delete", "lay", "e"]);
+    assert_error_line(&r);
+    assert!(r.stderr.contains("rbd:rbd/outsider"), "{}", r.describe());
+    assert!(r.stderr.contains("does not track"), "{}", r.describe());
+    assert_eq!(ceph.fingerprint(&["lay", "lay.e", "outsider"]), before);
+    assert_eq!(lab.snapshots("lay")["current"], "e");
+}
