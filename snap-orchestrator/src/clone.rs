@@ -361,8 +361,17 @@ fn internal_base(image: &Path, snapshot: &str) -> PathBuf {
     image.with_file_name(format!("{stem}.{snapshot}.base.qcow2"))
 }
 
+/// Where [`export_base`] writes a base before it is complete: `BASE.partial`.
+fn partial_base(base: &Path) -> PathBuf {
+    let mut name = base.as_os_str().to_os_string();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
 /// Exports an internal snapshot's view to a new standalone qcow2 `base` (read-only for
-/// everyone: mode 0400; clones open it read-only through their overlays).
+/// everyone: mode 0400; clones open it read-only through their overlays). The export goes to
+/// `BASE.partial` (one a killed run left is replaced) and is renamed into place once complete
+/// and synced, so `base` existing means it is whole: later clone runs reuse it.
 async fn export_base(image: &Path, snapshot: &str, base: &Path) -> Result<()> {
     let (image, snapshot, base) = (
         image.to_path_buf(),
@@ -370,19 +379,30 @@ async fn export_base(image: &Path, snapshot: &str, base: &Path) -> Result<()> {
         base.to_path_buf(),
     );
     tokio::task::spawn_blocking(move || {
+        let partial = partial_base(&base);
+        crate::store::remove_if_present(&partial)?;
         let view =
             crate::export::SourceView::open(&image, &crate::export::ViewSpec::Snapshot(snapshot))?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
         crate::export::export_view(
             &view,
-            &base,
+            &partial,
             crate::export::OutputFormat::Qcow2,
             &mut |_, _| {},
             &cancel,
         )?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o400))
-            .map_err(|e| Error::io("make the base read-only", e).with_path(&base))
+        let placed = std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o400))
+            .map_err(|e| Error::io("make the base read-only", e).with_path(&partial))
+            .and_then(|()| {
+                std::fs::rename(&partial, &base)
+                    .map_err(|e| Error::io("put the base in place", e).with_path(&base))
+            });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        crate::store::sync_dir(base.parent().unwrap_or_else(|| Path::new(".")))
     })
     .await
     .map_err(|e| Error::new(ErrorKind::Io, format!("worker thread failed: {e}")))?
