@@ -459,3 +459,52 @@ fn alive(pid: i32) -> bool {
         !matches!(state, Some("Z") | Some("X") | None)
     })
 }
+
+/// The test guest running on a new 64 MiB RBD image of a fresh cluster, counting. Dropped in
+/// field order: the lab (which destroys its domains) before the cluster.
+#[derive(Debug)]
+pub struct RbdGuest {
+    /// The lab the domain lives in.
+    pub lab: crate::domain::DomainLab,
+    /// The cluster.
+    pub ceph: Ceph,
+    /// The domain's disk: `rbd:rbd/IMAGE:conf=...`.
+    pub target: String,
+    /// The guest's console file.
+    pub console: PathBuf,
+    /// The counter the guest had reached when `start` returned.
+    pub counter: u64,
+}
+
+impl RbdGuest {
+    /// Starts domain `name` on image `image` and waits until its counter reaches `at_least`;
+    /// `None` when the test guest, QEMU or Ceph is not there (see [`Ceph::start`]).
+    pub fn start(name: &str, image: &str, at_least: u64) -> Option<RbdGuest> {
+        let (kernel, initrd) = crate::domain::guest()?;
+        let ceph = Ceph::start()?;
+        let lab = crate::domain::DomainLab::new();
+        ceph.create(image, "64M");
+        let target = ceph.disk_with_conf(image);
+        let console = lab.path(&format!("{name}.console"));
+        let cfg = lab.write_cfg(
+            name,
+            &crate::domain::guest_cfg(
+                name,
+                &kernel,
+                &initrd,
+                &console,
+                128,
+                &[("xvda", "raw", Path::new(&target))],
+            ),
+        );
+        lab.start(&cfg, name);
+        let counter = crate::domain::wait_counter(&console, at_least, Duration::from_secs(90));
+        Some(RbdGuest {
+            lab,
+            ceph,
+            target,
+            console,
+            counter,
+        })
+    }
+}

@@ -9,10 +9,9 @@
     clippy::panic
 )]
 
-use std::path::Path;
 use std::time::Duration;
 
-use snapctl_tests::ceph::Ceph;
+use snapctl_tests::ceph::RbdGuest;
 use snapctl_tests::domain::*;
 use snapctl_tests::*;
 
@@ -20,30 +19,12 @@ const BOOT: Duration = Duration::from_secs(90);
 
 #[test]
 fn clones_of_an_rbd_snapshot_are_rbd_clones() {
-    let Some((kernel, initrd)) = guest() else {
-        return;
-    };
-    let Some(ceph) = Ceph::start() else {
-        return;
-    };
-    let lab = DomainLab::new();
     let name = "gold";
-    ceph.create("gvm", "64M");
-    let target = ceph.disk_with_conf("gvm");
-    let console = lab.path("gold.console");
-    let cfg = lab.write_cfg(
-        name,
-        &guest_cfg(
-            name,
-            &kernel,
-            &initrd,
-            &console,
-            128,
-            &[("xvda", "raw", Path::new(&target))],
-        ),
-    );
-    lab.start(&cfg, name);
-    let n = wait_counter(&console, 5, BOOT);
+    let Some(g) = RbdGuest::start(name, "gvm", 5) else {
+        return;
+    };
+    let n = g.counter;
+    let RbdGuest { ceph, lab, .. } = g;
 
     // A snapshot with memory (the RBD snapshot through QMP).
     lab.ok(&["snapshot", "create", name, "base"]);

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use snapctl_tests::ceph::Ceph;
+use snapctl_tests::ceph::{Ceph, RbdGuest};
 use snapctl_tests::domain::*;
 use snapctl_tests::*;
 
@@ -50,30 +50,18 @@ fn resumed_counters(console: &Path, start: usize, count: usize) -> Vec<u64> {
 
 #[test]
 fn live_snapshot_on_rbd_revert_continues_and_online_delete() {
-    let Some((kernel, initrd)) = guest() else {
-        return;
-    };
-    let Some(ceph) = Ceph::start() else {
-        return;
-    };
-    let lab = DomainLab::new();
     let name = "rbd-guest";
-    ceph.create("gvm", "64M");
-    let target = ceph.disk_with_conf("gvm");
-    let console = lab.path("rbd-guest.console");
-    let cfg = lab.write_cfg(
-        name,
-        &guest_cfg(
-            name,
-            &kernel,
-            &initrd,
-            &console,
-            128,
-            &[("xvda", "raw", Path::new(&target))],
-        ),
-    );
-    lab.start(&cfg, name);
-    wait_counter(&console, 5, BOOT);
+    let Some(g) = RbdGuest::start(name, "gvm", 5) else {
+        return;
+    };
+    // (Bound in this order, the lab is dropped before the cluster.)
+    let RbdGuest {
+        ceph,
+        lab,
+        target,
+        console,
+        ..
+    } = g;
 
     // QEMU has the image open: a disk-level rollback is refused and changes nothing.
     ceph.rbd(&["snap", "create", "rbd/gvm@outside"]).ok();
@@ -160,30 +148,18 @@ fn image_name(disk: &Path) -> String {
 /// needs; all while the guest keeps counting.
 #[test]
 fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
-    let Some((kernel, initrd)) = guest() else {
-        return;
-    };
-    let Some(ceph) = Ceph::start() else {
-        return;
-    };
-    let lab = DomainLab::new();
     let name = "rbd-ext";
-    ceph.create("xvm", "64M");
-    let target = ceph.disk_with_conf("xvm");
-    let console = lab.path("rbd-ext.console");
-    let cfg = lab.write_cfg(
-        name,
-        &guest_cfg(
-            name,
-            &kernel,
-            &initrd,
-            &console,
-            128,
-            &[("xvda", "raw", Path::new(&target))],
-        ),
-    );
-    lab.start(&cfg, name);
-    wait_counter(&console, 5, BOOT);
+    let Some(g) = RbdGuest::start(name, "xvm", 5) else {
+        return;
+    };
+    // (Bound in this order, the lab is dropped before the cluster.)
+    let RbdGuest {
+        ceph,
+        lab,
+        target,
+        console,
+        ..
+    } = g;
 
     // The plan says what happens, and a dry run changes nothing.
     let r = lab.ok(&[
@@ -336,30 +312,13 @@ fn external_snapshots_on_rbd_move_the_running_disk_to_clones() {
 /// snapctl finds QEMU on the clone and finishes the create.
 #[test]
 fn killed_rbd_switch_is_rolled_back_or_finished() {
-    let Some((kernel, initrd)) = guest() else {
-        return;
-    };
-    let Some(ceph) = Ceph::start() else {
-        return;
-    };
-    let lab = DomainLab::new();
     let name = "rbd-kill";
-    ceph.create("kvm", "64M");
-    let target = ceph.disk_with_conf("kvm");
-    let console = lab.path("rbd-kill.console");
-    let cfg = lab.write_cfg(
-        name,
-        &guest_cfg(
-            name,
-            &kernel,
-            &initrd,
-            &console,
-            128,
-            &[("xvda", "raw", Path::new(&target))],
-        ),
-    );
-    lab.start(&cfg, name);
-    wait_counter(&console, 3, BOOT);
+    let Some(g) = RbdGuest::start(name, "kvm", 3) else {
+        return;
+    };
+    let RbdGuest {
+        ceph, lab, console, ..
+    } = g;
     // The plan: pause (1), the switch (2), resume (3), record (4).
     let crash = |when: &str| {
         let mut cmd = snapctl();
