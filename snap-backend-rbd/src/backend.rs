@@ -525,8 +525,14 @@ impl RbdBackend {
             return Ok(target);
         }
         let row = self.plan_clone_snapshot(snap, &target).await?;
-        let at = self.spec.at_snapshot(&row.name)?;
-        if !row.protected {
+        self.protect_clone(&row.name, &target, !row.protected).await
+    }
+
+    /// Protects snapshot `snap` (when `protect`), then clones it into `target`; a protection
+    /// this call added is taken back when the clone fails and no other clone uses it.
+    async fn protect_clone(&self, snap: &str, target: &RbdSpec, protect: bool) -> Result<RbdSpec> {
+        let at = self.spec.at_snapshot(snap)?;
+        if protect {
             self.rbd
                 .run(&["snap".into(), "protect".into(), at.arg()])
                 .await
@@ -537,9 +543,9 @@ impl RbdBackend {
             .run(&["clone".into(), at.arg(), target.image_arg()])
             .await
         {
-            if !row.protected
+            if protect
                 && self
-                    .children_of(&self.spec, &row.name)
+                    .children_of(&self.spec, snap)
                     .await
                     .is_ok_and(|c| c.is_empty())
             {
@@ -550,7 +556,7 @@ impl RbdBackend {
             }
             return Err(self.image_error(&self.spec, e));
         }
-        Ok(target)
+        Ok(target.clone())
     }
 
     /// The clones of this image's snapshot `snap` (in the trash too), as `rbd:...` specs in
@@ -580,23 +586,7 @@ impl RbdBackend {
     /// paused guest. The snapshot is unprotected again when the clone fails.
     pub async fn protect_and_clone(&self, snap: &str, target: &RbdSpec) -> Result<RbdSpec> {
         let target = target.clone().inherit_cluster(&self.spec);
-        let at = self.spec.at_snapshot(snap)?;
-        self.rbd
-            .run(&["snap".into(), "protect".into(), at.arg()])
-            .await
-            .map_err(|e| self.image_error(&self.spec, e))?;
-        if let Err(e) = self
-            .rbd
-            .run(&["clone".into(), at.arg(), target.image_arg()])
-            .await
-        {
-            let _ = self
-                .rbd
-                .run(&["snap".into(), "unprotect".into(), at.arg()])
-                .await;
-            return Err(self.image_error(&self.spec, e));
-        }
-        Ok(target)
+        self.protect_clone(snap, &target, true).await
     }
 
     /// Removes the image itself (`rbd rm`; it must have no snapshots). An image that does not
