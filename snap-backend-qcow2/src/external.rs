@@ -242,6 +242,17 @@ pub struct LayerPlan {
     pub commit_bytes: Option<u64>,
     /// Other images in the layer's folder that use it as their backing file (it is kept then).
     pub other_users: Vec<PathBuf>,
+    /// Bytes a fold copies (every cluster the child has, into the layer, which then takes the
+    /// child's place), when a fold can be done: see [`fold_blocker`].
+    pub fold_bytes: Option<u64>,
+}
+
+impl LayerPlan {
+    /// Whether [`delete_layer`] folds the child into the layer rather than streaming the layer
+    /// into the child: when a fold is possible and copies less.
+    pub fn folds(&self) -> bool {
+        self.fold_bytes.is_some_and(|f| f < self.stream_bytes)
+    }
 }
 
 /// One step of a stream: a guest cluster to give the child, as data or as zeroes.
@@ -466,14 +477,127 @@ pub fn plan_delete_layer(image: &Path, layer: &Path) -> Result<LayerPlan> {
             Ok(())
         },
     )?;
+    let users = other_users(&target.path, &[&child_path, image]);
+    let fold_bytes = if users.is_empty() && target.format == DiskFormat::Qcow2 {
+        let layer_image = Qcow2::open(FileIo::open(&target.path, false)?, false)
+            .map_err(|e| e.with_path(&target.path))?;
+        match fold_blocker(&child_path, &child, &target.path, &layer_image)? {
+            None => Some(child_data_clusters(&child)? * cs),
+            Some(why) => {
+                tracing::debug!("no fold: {why}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(LayerPlan {
         layer: target.path.clone(),
         child: child_path.clone(),
         commit_bytes: new_backing.as_ref().map(|_| provided * cs),
         new_backing,
         stream_bytes: stream,
-        other_users: other_users(&target.path, &[&child_path, image]),
+        other_users: users,
+        fold_bytes,
     })
+}
+
+/// Why the child cannot be folded into the layer (the layer, holding the child's data on top of
+/// its own, renamed into the child's place), or `None` when it can: both qcow2 in one folder,
+/// the same cluster and virtual size, no internal snapshots in either (the child's would be lost,
+/// the layer's would become the child's), no subclusters in the child, no bitmaps, external data
+/// file or encryption in either, and the child a file with one name.
+pub fn fold_blocker<A: BlockIo, B: BlockIo>(
+    child_path: &Path,
+    child: &Qcow2<A>,
+    layer_path: &Path,
+    layer: &Qcow2<B>,
+) -> Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = |p: &Path| std::fs::canonicalize(parent_dir(p)).ok();
+    if dir(child_path).is_none() || dir(child_path) != dir(layer_path) {
+        return Ok(Some(
+            "the child and the layer are in different folders".into(),
+        ));
+    }
+    let meta = std::fs::symlink_metadata(child_path)
+        .map_err(|e| Error::io("stat", e).with_path(child_path))?;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Ok(Some("the child is not a plain file with one name".into()));
+    }
+    if child.cluster_size() != layer.cluster_size() {
+        return Ok(Some("different cluster sizes".into()));
+    }
+    if child.virtual_size() != layer.virtual_size() {
+        return Ok(Some("different virtual sizes".into()));
+    }
+    if !child.snapshots().is_empty() || !layer.snapshots().is_empty() {
+        return Ok(Some("internal snapshots".into()));
+    }
+    if child.header().extended_l2() {
+        return Ok(Some("the child has subclusters".into()));
+    }
+    for (which, h) in [
+        ("child", child.header_cluster()),
+        ("layer", layer.header_cluster()),
+    ] {
+        if h.header.crypt_method != 0
+            || h.header.incompatible_features & crate::format::header::INCOMPAT_DATA_FILE != 0
+            || h.header.autoclear_features & crate::format::header::AUTOCLEAR_BITMAPS != 0
+            || h.extension(crate::format::header::EXT_BITMAPS).is_some()
+        {
+            return Ok(Some(format!(
+                "the {which} has bitmaps, an external data file or encryption"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Guest clusters the image holds data for (normal or compressed; zero clusters cost nothing).
+fn child_data_clusters<IO: BlockIo>(image: &Qcow2<IO>) -> Result<u64> {
+    let mut count = 0u64;
+    walk_allocated(image, |_, mapping| {
+        if matches!(mapping, Mapping::Normal { .. } | Mapping::Compressed { .. }) {
+            count += 1;
+        }
+        Ok(())
+    })?;
+    Ok(count)
+}
+
+/// Calls `visit(guest offset, mapping)` for every cluster the image's active table allocates
+/// (data, compressed or zero), in guest order.
+fn walk_allocated<IO: BlockIo>(
+    image: &Qcow2<IO>,
+    mut visit: impl FnMut(u64, Mapping) -> Result<()>,
+) -> Result<()> {
+    let cs = image.cluster_size();
+    let size = image.virtual_size();
+    let geom = image.l2_geometry();
+    let entries = image.header().l2_entries();
+    let span = image.header().l1_entry_span();
+    let mut table = vec![0u8; cs as usize];
+    for (i, e) in image.active_l1().iter().enumerate() {
+        if e.l2_offset() == 0 || i as u64 * span >= size {
+            continue;
+        }
+        image.read_l2_into(e.l2_offset(), &mut table)?;
+        for j in 0..entries as usize {
+            let guest = i as u64 * span + j as u64 * cs;
+            if guest >= size {
+                break;
+            }
+            let entry = geom
+                .entry(&table, j)
+                .ok_or_else(|| Error::corrupt("L2 entry out of range"))?;
+            match geom.mapping(entry)? {
+                Mapping::Unallocated => {}
+                other => visit(guest, other)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What deleting a layer did.
@@ -498,13 +622,114 @@ pub fn delete_layer(
 }
 
 /// [`delete_layer`] with `batch_bytes` of guest data per transaction (at least one cluster).
+/// It folds the child into the layer when that copies less ([`LayerPlan::folds`]), else
+/// streams the layer into the child.
 pub fn delete_layer_in_batches(
     image: &Path,
     layer: &Path,
     batch_bytes: u64,
     progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<LayerDeleted> {
+    if plan_delete_layer(image, layer)?.folds() {
+        return fold_layer_with(image, layer, batch_bytes, progress, |io| io);
+    }
     delete_layer_with(image, layer, batch_bytes, progress, |io| io)
+}
+
+/// Deletes backing layer `layer` by folding its child into it: every cluster the child has
+/// (data, compressed, zero) is written into the layer in batches (one copy-on-write transaction
+/// each), the layer gets the child's owner and mode, and is renamed over the child. Cheaper than
+/// a stream when the child holds less data than the layer gives it. At no moment does the
+/// child's guest view (or that of an image above it) change: only clusters the child has are
+/// written into the layer, and the child reads those from itself; a crash leaves the chain as it
+/// was (the layer's own view changed, but nothing else reads it) and running it again finishes.
+/// Refused unless the plan allows a fold ([`fold_blocker`], no other users of the layer). The
+/// layer's I/O goes through `wrap` (crash-state tests).
+pub fn fold_layer_with<IO: BlockIo>(
+    image: &Path,
+    layer: &Path,
+    batch_bytes_arg: u64,
+    mut progress: impl FnMut(u64, u64) -> bool,
+    wrap: impl FnOnce(FileIo) -> IO,
+) -> Result<LayerDeleted> {
+    let plan = plan_delete_layer(image, layer)?;
+    let Some(total) = plan.fold_bytes.filter(|_| plan.other_users.is_empty()) else {
+        return Err(Error::unsupported(format!(
+            "{} cannot be folded into {} (see `disk delete --layer --dry-run`)",
+            plan.child.display(),
+            plan.layer.display()
+        )));
+    };
+    let (child_io, _child_lock) = open_locked(&plan.child, LockMode::Exclusive)?;
+    let (layer_io, _layer_lock) = open_locked(&plan.layer, LockMode::Exclusive)?;
+    let child_image = Qcow2::open(child_io, false).map_err(|e| e.with_path(&plan.child))?;
+    let layer_image = Qcow2::open(wrap(layer_io), true).map_err(|e| e.with_path(&plan.layer))?;
+    // Checked again under the locks.
+    if let Some(why) = fold_blocker(&plan.child, &child_image, &plan.layer, &layer_image)? {
+        return Err(Error::unsupported(format!("no fold: {why}")).with_path(&plan.child));
+    }
+    let cs = child_image.cluster_size();
+    let mut work: Vec<(u64, Mapping)> = Vec::new();
+    walk_allocated(&child_image, |guest, mapping| {
+        work.push((guest, mapping));
+        Ok(())
+    })?;
+    let copy_file = FileIo::open(&plan.child, false)?;
+    // Compressed clusters are read through the child alone (they never read its backing).
+    let child = Qcow2Disk::new(child_image, None);
+    let mut target = Qcow2Disk::new(layer_image, None);
+    let mut batch: Vec<(u64, ClusterSource)> = Vec::new();
+    let (mut batch_bytes, mut buffered, mut done) = (0u64, 0u64, 0u64);
+    let batch_limit = batch_bytes_arg.max(cs);
+    let mut items = work.into_iter().peekable();
+    while let Some((guest, mapping)) = items.next() {
+        match mapping {
+            Mapping::Normal { host } => {
+                batch.push((guest, ClusterSource::Copy(host)));
+                done += cs;
+            }
+            Mapping::Zero { .. } => batch.push((guest, ClusterSource::Zero)),
+            _ => {
+                let valid = (child.image.virtual_size() - guest).min(cs) as usize;
+                let mut content = vec![0u8; cs as usize];
+                child.read(guest, content.get_mut(..valid).unwrap_or_default())?;
+                batch.push((guest, ClusterSource::Bytes(content)));
+                buffered += cs;
+                done += cs;
+            }
+        }
+        batch_bytes += cs;
+        if batch_bytes >= batch_limit || buffered >= STREAM_BUFFER_BYTES || items.peek().is_none() {
+            target.write_clusters(std::mem::take(&mut batch), Some(copy_file.file()))?;
+            batch_bytes = 0;
+            buffered = 0;
+            if !progress(done.min(total), total) {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    format!(
+                        "stopped after copying {done} of {total} bytes; the chain is intact and unchanged for the \
+                         guest — run the same command again to finish"
+                    ),
+                )
+                .with_path(image));
+            }
+        }
+    }
+    target.image.io().flush()?;
+    // The layer takes the child's place, with the child's owner and mode.
+    let owner = Ownership::of(&plan.child)?;
+    let file = std::fs::File::open(&plan.layer)
+        .map_err(|e| Error::io("open the layer", e).with_path(&plan.layer))?;
+    owner.apply(&file, &plan.layer)?;
+    drop(child);
+    std::fs::rename(&plan.layer, &plan.child).map_err(|e| {
+        Error::io("put the folded layer in the child's place", e).with_path(&plan.child)
+    })?;
+    sync_dir(parent_dir(&plan.child))?;
+    Ok(LayerDeleted {
+        plan,
+        removed: true,
+    })
 }
 
 /// [`delete_layer_in_batches`] with the child's I/O passed through `wrap` before anything is

@@ -30,8 +30,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
+use common::{our_check, qemu_check, view};
 use snap_backend_qcow2::external::delete_layer_with;
-use snap_backend_qcow2::{Qcow2, Qcow2Disk};
 use snap_core::ErrorKind;
 use snap_core::crash::{crash_states, describe, materialize};
 use snap_core::io::{FileIo, IoEvent, RecordingIo};
@@ -158,45 +160,6 @@ fn build(case: &Case, dir: &Path) {
 }
 
 /// The guest view of the qcow2 image at `path`, through its chain.
-fn view(path: &Path) -> Result<Vec<u8>, String> {
-    let disk = Qcow2Disk::open_path(path, false).map_err(|e| format!("open {path:?}: {e}"))?;
-    let mut buf = vec![0u8; disk.image.virtual_size() as usize];
-    disk.read(0, &mut buf)
-        .map_err(|e| format!("read {path:?}: {e}"))?;
-    Ok(buf)
-}
-
-/// Our check of the image at `path`: no corruption (leaks allowed).
-fn our_check(path: &Path) -> Result<(), String> {
-    let image = Qcow2::open(FileIo::open(path, false).map_err(|e| e.to_string())?, false)
-        .map_err(|e| format!("open: {e}"))?;
-    let report = image.check().map_err(|e| format!("check: {e}"))?;
-    if report.corruptions != 0 {
-        return Err(format!("our check: {:?}", report.messages));
-    }
-    Ok(())
-}
-
-/// `qemu-img check`: no corruption, no check error (leaks allowed).
-fn qemu_check(path: &Path) -> Result<(), String> {
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "qemu-img check gave no report ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let field = |k: &str| json.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    if field("corruptions") != 0 || field("check-errors") != 0 {
-        return Err(format!("qemu-img check: {json}"));
-    }
-    Ok(())
-}
-
 fn hash(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);

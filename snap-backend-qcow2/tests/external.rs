@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use snap_backend_qcow2::external::{
-    create_external, delete_layer, delete_layer_in_batches, plan_delete_layer, revert_to_layer,
+    create_external, delete_layer, delete_layer_with, plan_delete_layer, revert_to_layer,
 };
 use snap_core::{ChainLayer, DiskFormat, ErrorKind};
 use tempfile::TempDir;
@@ -207,13 +207,21 @@ fn interrupted_merge_resumes() {
     let base_bytes = std::fs::read(&c.base).unwrap();
     let mid_bytes = std::fs::read(&c.mid).unwrap();
 
+    // (top holds little, so `delete_layer` would fold it into mid; this is the stream.)
+    assert!(plan.folds(), "{plan:#?}");
     // Stop after the first batch.
     let mut calls = Vec::new();
     // 32 MiB batches (the default is larger) so the 80 MiB layer takes several.
-    let err = delete_layer_in_batches(&c.top, &c.mid, 32 * MIB, |done, total| {
-        calls.push((done, total));
-        false
-    })
+    let err = delete_layer_with(
+        &c.top,
+        &c.mid,
+        32 * MIB,
+        |done, total| {
+            calls.push((done, total));
+            false
+        },
+        |io| io,
+    )
     .expect_err("a merge told to stop must fail");
     assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
     assert_eq!(
@@ -255,10 +263,16 @@ fn interrupted_merge_resumes() {
 
     // Run it again to the end.
     let mut calls = Vec::new();
-    let deleted = delete_layer_in_batches(&c.top, &c.mid, 32 * MIB, |done, total| {
-        calls.push((done, total));
-        true
-    })
+    let deleted = delete_layer_with(
+        &c.top,
+        &c.mid,
+        32 * MIB,
+        |done, total| {
+            calls.push((done, total));
+            true
+        },
+        |io| io,
+    )
     .unwrap();
     assert!(deleted.removed, "{deleted:#?}");
     assert!(
@@ -349,7 +363,11 @@ fn plan_counts_clusters_the_child_lacks() {
     );
     assert_eq!(plan.new_backing, None);
 
-    // The plan is what a deletion copies.
+    // The plan is what a deletion copies: the child's 3 clusters folded into the layer, which
+    // is cheaper than streaming 7 the other way.
+    let plan = plan_delete_layer(&child, &layer).unwrap();
+    assert_eq!(plan.fold_bytes, Some(3 * CLUSTER), "{plan:#?}");
+    assert!(plan.folds());
     let view = raw_view(&child);
     let mut last = (0, 0);
     let deleted = delete_layer(&child, &layer, |done, total| {
@@ -357,7 +375,8 @@ fn plan_counts_clusters_the_child_lacks() {
         true
     })
     .unwrap();
-    assert_eq!(last, (7 * CLUSTER, 7 * CLUSTER));
+    assert_eq!(last, (3 * CLUSTER, 3 * CLUSTER));
+    assert!(!layer.exists());
     assert!(deleted.removed);
     assert_same_view(&raw_view(&child), &view, "after the deletion");
     assert_clean(&child, "after the deletion");

@@ -715,17 +715,31 @@ async fn delete_layer(image: &Path, layer: &Path, dry_run: bool) -> Result<u8> {
     })
     .await?;
     let plan = &done.plan;
-    println!(
-        "merged {} into {} ({} bytes copied); {} now reads from {}",
-        plan.layer.display(),
-        plan.child.display(),
-        plan.stream_bytes,
-        plan.child.display(),
-        plan.new_backing
-            .as_ref()
-            .map(|b| b.path.display().to_string())
-            .unwrap_or_else(|| "no backing file".into())
-    );
+    let reads_from = plan
+        .new_backing
+        .as_ref()
+        .map(|b| b.path.display().to_string())
+        .unwrap_or_else(|| "no backing file".into());
+    if plan.folds() {
+        println!(
+            "folded {} into {} ({} bytes copied) and put it in the child's place; {} now reads \
+             from {}",
+            plan.child.display(),
+            plan.layer.display(),
+            plan.fold_bytes.unwrap_or_default(),
+            plan.child.display(),
+            reads_from
+        );
+    } else {
+        println!(
+            "merged {} into {} ({} bytes copied); {} now reads from {}",
+            plan.layer.display(),
+            plan.child.display(),
+            plan.stream_bytes,
+            plan.child.display(),
+            reads_from
+        );
+    }
     if done.removed {
         println!("removed {}", plan.layer.display());
     } else {
@@ -756,6 +770,21 @@ fn print_layer_plan(plan: &snap_backend_qcow2::external::LayerPlan) {
             .map(|b| b.path.display().to_string())
             .unwrap_or_else(|| "no backing file".into())
     );
+    match plan.fold_bytes {
+        Some(bytes) if plan.folds() => println!(
+            "  fold (chosen: copies less): copy the {bytes} bytes {} has into {}, which then takes \
+             its place under its name, owner and mode (the layer has no other user)",
+            plan.child.display(),
+            plan.layer.display()
+        ),
+        Some(bytes) => println!(
+            "  fold (alternative): copy the {bytes} bytes {} has into {} and put it in its place \
+             — not cheaper here",
+            plan.child.display(),
+            plan.layer.display()
+        ),
+        None => {}
+    }
     match plan.commit_bytes {
         Some(bytes) => println!(
             "  commit (alternative): copy {bytes} bytes into {} — writes the parent; snapctl streams instead, which copies {} and never writes the parent",
@@ -771,7 +800,13 @@ fn print_layer_plan(plan: &snap_backend_qcow2::external::LayerPlan) {
         ),
         None => println!("  commit: not possible (the layer is the base of the chain)"),
     }
-    if plan.other_users.is_empty() {
+    if plan.folds() {
+        println!(
+            "  then {} is gone (renamed over {})",
+            plan.layer.display(),
+            plan.child.display()
+        );
+    } else if plan.other_users.is_empty() {
         println!("  then remove {}", plan.layer.display());
     } else {
         let users: Vec<String> = plan

@@ -977,7 +977,11 @@ pub async fn delete(ctx: &Ctx, domain: &str, name: &str, opts: DeleteOptions) ->
                                 let p = snap_backend_qcow2::external::plan_delete_layer(
                                     &child, &d.path,
                                 )?;
-                                bytes = bytes.saturating_add(p.stream_bytes);
+                                let copied = match p.fold_bytes {
+                                    Some(f) if p.folds() => f,
+                                    _ => p.stream_bytes,
+                                };
+                                bytes = bytes.saturating_add(copied);
                             }
                         } else {
                             bytes = bytes.saturating_add(listing.virtual_size);

@@ -1,9 +1,12 @@
-//! What the online tests share: running commands, and stopping a daemonized
-//! qemu-storage-daemon through its pidfile.
+//! What the tests share: running commands, stopping a daemonized qemu-storage-daemon through
+//! its pidfile, and judging an image (its guest view, our check, `qemu-img check`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use snap_backend_qcow2::{Qcow2, Qcow2Disk};
+use snap_core::io::FileIo;
 use std::time::{Duration, Instant};
 
 /// Kills the process named in `pidfile` on drop and waits (bounded) for it to go.
@@ -56,4 +59,44 @@ pub fn ok(cmd: &mut Command) -> String {
 /// `qemu-img info -U PATH`.
 pub fn info(path: &Path) -> String {
     ok(Command::new("qemu-img").args(["info", "-U"]).arg(path))
+}
+
+/// The guest view of the image at `path` through its chain, read by our own code.
+pub fn view(path: &Path) -> Result<Vec<u8>, String> {
+    let disk = Qcow2Disk::open_path(path, false).map_err(|e| format!("open {path:?}: {e}"))?;
+    let mut buf = vec![0u8; disk.image.virtual_size() as usize];
+    disk.read(0, &mut buf)
+        .map_err(|e| format!("read {path:?}: {e}"))?;
+    Ok(buf)
+}
+
+/// Our check of the image at `path`: no corruption (leaks allowed).
+pub fn our_check(path: &Path) -> Result<(), String> {
+    let image = Qcow2::open(FileIo::open(path, false).map_err(|e| e.to_string())?, false)
+        .map_err(|e| format!("open: {e}"))?;
+    let report = image.check().map_err(|e| format!("check: {e}"))?;
+    if report.corruptions != 0 {
+        return Err(format!("our check: {:?}", report.messages));
+    }
+    Ok(())
+}
+
+/// `qemu-img check`: no corruption, no check error (leaks allowed).
+pub fn qemu_check(path: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "qemu-img check gave no report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let field = |k: &str| json.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    if field("corruptions") != 0 || field("check-errors") != 0 {
+        return Err(format!("qemu-img check: {json}"));
+    }
+    Ok(())
 }
