@@ -17,12 +17,13 @@
 //!
 //! - rebase: `qemu-img rebase -b base.qcow2 -F qcow2 base.mid.top.qcow2` (safe mode: copies into
 //!   top what differs between the old and the new backing);
-//! - snapctl: `snapctl disk delete base.mid.top.qcow2 --layer base.mid.qcow2` (streams mid's
-//!   clusters into top, relinks top to base, removes mid): the same result;
+//! - snapctl: `snapctl disk delete base.mid.top.qcow2 --layer base.mid.qcow2`: the same result.
+//!   top holds D/16 and mid gives it D, so snapctl folds top into mid (D/16 copied) and renames
+//!   mid over top; a child holding more than the layer gives it would be streamed into instead;
 //! - commit: `qemu-img commit base.mid.qcow2` (mid into base), then
 //!   `qemu-img rebase -u -b base.qcow2 -F qcow2 base.mid.top.qcow2`, timed together.
 //!
-//! Each way copies D bytes of guest data. The rebase result is the reference: after every run,
+//! Each qemu-img way copies D bytes of guest data. The rebase result is the reference: after every run,
 //! snapctl's top must be identical to it (`qemu-img compare`), backed by base.qcow2 with mid gone,
 //! and clean for `qemu-img check`; the commit result must be identical to it as well, and the
 //! first rebase result identical to the chain it started from. A wrong result fails the bench.
@@ -464,7 +465,7 @@ fn rss(timed: &std::result::Result<Timed, String>) -> String {
 fn report(cases: &[Case], data: u64, runs: usize, measured_rss: bool) {
     println!(
         "\nsnapctl disk delete --layer against qemu-img on the same work: remove the middle layer of \
-         base <- mid <- top keeping top's view, {} of data per layer ({} streamed by every way), \
+         base <- mid <- top keeping top's view, {} of data per layer (qemu-img copies {}), \
          fresh copies, warm page cache; {}",
         human(data),
         human(data),
@@ -479,7 +480,12 @@ fn report(cases: &[Case], data: u64, runs: usize, measured_rss: bool) {
         "  commit:  qemu-img commit {MID}, then qemu-img rebase -u -b {BASE} -F qcow2 {TOP} \
          (timed together)"
     );
-    println!("  snapctl: snapctl disk delete {TOP} --layer {MID}\n");
+    println!(
+        "  snapctl: snapctl disk delete {TOP} --layer {MID} (top holds {} of its own, so it is \
+         folded into mid, which takes its place: {} copied)\n",
+        human(data / 16),
+        human(data / 16)
+    );
     print_row([
         "chain",
         "rebase s",
