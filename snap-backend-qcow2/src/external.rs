@@ -136,6 +136,7 @@ pub fn create_external(image: &Path, name: &str, overlay: Option<PathBuf>) -> Re
             "snapshot name {name:?} contains '/'"
         )));
     }
+    refuse_half_folded(image)?;
     // The image becomes read-only history: nobody may be writing it now.
     let (io, _lock) = open_locked(image, LockMode::Shared)?;
     let base = Qcow2::open(io, false).map_err(|e| e.with_path(image))?;
@@ -182,6 +183,7 @@ fn find_layer(chain: &[ChainLayer], image: &Path, layer: &Path) -> Result<usize>
 /// current data is dropped; layers in between stay on disk. Refused when the image holds
 /// internal snapshots (they would be dropped with it).
 pub fn revert_to_layer(image: &Path, layer: &Path) -> Result<()> {
+    refuse_half_folded(layer)?;
     let (io, _lock) = open_locked(image, LockMode::Exclusive)?;
     let current = Qcow2::open(io, true).map_err(|e| e.with_path(image))?;
     let chain = backing_chain(image, &current)?;
@@ -520,10 +522,23 @@ pub fn fold_blocker<A: BlockIo, B: BlockIo>(
             "the child and the layer are in different folders".into(),
         ));
     }
-    let meta = std::fs::symlink_metadata(child_path)
-        .map_err(|e| Error::io("stat", e).with_path(child_path))?;
-    if !meta.file_type().is_file() || meta.nlink() != 1 {
-        return Ok(Some("the child is not a plain file with one name".into()));
+    // Both plain files with one name each: the layer is written in place, and a second name
+    // (a symlink to a shared base, a hard link) would let others see it change.
+    for (which, path) in [("child", child_path), ("layer", layer_path)] {
+        let meta =
+            std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", e).with_path(path))?;
+        if !meta.file_type().is_file() || meta.nlink() != 1 {
+            return Ok(Some(format!(
+                "the {which} is not a plain file with one name (a symlink or a hard link)"
+            )));
+        }
+    }
+    if nix::unistd::access(layer_path, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Ok(Some("the layer is not writable".into()));
+    }
+    let bad = crate::format::header::INCOMPAT_DIRTY | crate::format::header::INCOMPAT_CORRUPT;
+    if layer.header().incompatible_features & bad != 0 {
+        return Ok(Some("the layer is marked dirty or corrupt".into()));
     }
     if child.cluster_size() != layer.cluster_size() {
         return Ok(Some("different cluster sizes".into()));
@@ -552,6 +567,37 @@ pub fn fold_blocker<A: BlockIo, B: BlockIo>(
         }
     }
     Ok(None)
+}
+
+/// The marker a fold leaves beside the layer while it writes into it: `LAYER.snapctl-fold`,
+/// holding the child's path. The layer's own view is then no snapshot state any more.
+pub fn fold_marker(layer: &Path) -> PathBuf {
+    let mut name = layer.as_os_str().to_os_string();
+    name.push(".snapctl-fold");
+    PathBuf::from(name)
+}
+
+/// Refuses to use `layer`'s own view (a revert to it, an overlay on it, an export of it) while an
+/// interrupted fold has it half-written.
+pub fn refuse_half_folded(layer: &Path) -> Result<()> {
+    let marker = fold_marker(layer);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let child = std::fs::read_to_string(&marker).unwrap_or_default();
+    Err(Error::new(
+        ErrorKind::InUse,
+        format!(
+            "{} is half-way through being folded into {} (an interrupted `disk delete --layer`): \
+             its own data is no longer a snapshot state — run `snapctl disk delete {} --layer {}` \
+             again to finish",
+            layer.display(),
+            child.trim(),
+            child.trim(),
+            layer.display()
+        ),
+    )
+    .with_path(layer))
 }
 
 /// Guest clusters the image holds data for (normal or compressed; zero clusters cost nothing).
@@ -630,8 +676,15 @@ pub fn delete_layer_in_batches(
     batch_bytes: u64,
     progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<LayerDeleted> {
+    let mut progress = progress;
     if plan_delete_layer(image, layer)?.folds() {
-        return fold_layer_with(image, layer, batch_bytes, progress, |io| io);
+        match fold_layer_with(image, layer, batch_bytes, &mut progress, |io| io) {
+            // Something holds the layer (e.g. a QEMU reading it): nothing was written; stream.
+            Err(e) if e.kind() == ErrorKind::InUse => {
+                tracing::debug!("no fold: {e}");
+            }
+            other => return other,
+        }
     }
     delete_layer_with(image, layer, batch_bytes, progress, |io| io)
 }
@@ -669,6 +722,12 @@ pub fn fold_layer_with<IO: BlockIo>(
         return Err(Error::unsupported(format!("no fold: {why}")).with_path(&plan.child));
     }
     let cs = child_image.cluster_size();
+    // From the first write on, the layer's own view is no snapshot state: say so beside it.
+    let marker = fold_marker(&plan.layer);
+    std::fs::write(&marker, plan.child.as_os_str().as_encoded_bytes())
+        .and_then(|()| std::fs::File::open(&marker)?.sync_all())
+        .map_err(|e| Error::io("write the fold marker", e).with_path(&marker))?;
+    sync_dir(parent_dir(&plan.layer))?;
     let mut work: Vec<(u64, Mapping)> = Vec::new();
     walk_allocated(&child_image, |guest, mapping| {
         work.push((guest, mapping));
@@ -707,8 +766,11 @@ pub fn fold_layer_with<IO: BlockIo>(
                 return Err(Error::new(
                     ErrorKind::Cancelled,
                     format!(
-                        "stopped after copying {done} of {total} bytes; the chain is intact and unchanged for the \
-                         guest — run the same command again to finish"
+                        "stopped after copying {done} of {total} bytes; {} reads as before, but {} is \
+                         half-written (no snapshot state any more) — run the same command again \
+                         to finish",
+                        plan.child.display(),
+                        plan.layer.display()
                     ),
                 )
                 .with_path(image));
@@ -725,6 +787,9 @@ pub fn fold_layer_with<IO: BlockIo>(
     std::fs::rename(&plan.layer, &plan.child).map_err(|e| {
         Error::io("put the folded layer in the child's place", e).with_path(&plan.child)
     })?;
+    sync_dir(parent_dir(&plan.child))?;
+    std::fs::remove_file(&marker)
+        .map_err(|e| Error::io("remove the fold marker", e).with_path(&marker))?;
     sync_dir(parent_dir(&plan.child))?;
     Ok(LayerDeleted {
         plan,

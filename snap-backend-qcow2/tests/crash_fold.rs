@@ -27,7 +27,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::{ok, our_check, qemu_check, view};
-use snap_backend_qcow2::external::{delete_layer, fold_layer_with, plan_delete_layer};
+use snap_backend_qcow2::external::{
+    create_external, delete_layer, fold_layer_with, fold_marker, plan_delete_layer, revert_to_layer,
+};
 use snap_core::crash::{crash_states, describe, materialize};
 use snap_core::io::{FileIo, RecordingIo};
 
@@ -173,6 +175,37 @@ fn a_small_child_folds_and_a_large_one_streams() {
         .output()
         .unwrap();
     assert!(same.status.success(), "{same:?}");
+
+    // An interrupted fold marks the layer half-written: its own view is refused (a revert to it,
+    // an overlay on it) until the delete is run again.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let d2 = tmp2.path();
+    build(d2, false);
+    let (top2, mid2) = (d2.join("top.qcow2"), d2.join("mid.qcow2"));
+    let before2 = view(&top2).unwrap();
+    let err = fold_layer_with(&top2, &mid2, 65536, |_, _| false, |io| io).unwrap_err();
+    assert_eq!(err.kind(), snap_core::ErrorKind::Cancelled, "{err}");
+    assert!(err.to_string().contains("half-written"), "{err}");
+    assert!(fold_marker(&mid2).exists());
+    assert_eq!(view(&top2).unwrap(), before2);
+    let refused = revert_to_layer(&top2, &mid2).unwrap_err();
+    assert!(
+        refused.to_string().contains("run `snapctl disk delete"),
+        "{refused}"
+    );
+    assert!(create_external(&mid2, "x", None).is_err());
+    delete_layer(&top2, &mid2, |_, _| true).unwrap();
+    assert!(!mid2.exists() && !fold_marker(&mid2).exists());
+    assert_eq!(view(&top2).unwrap(), before2);
+
+    // No fold through a symlink: the layer may be shared under another name.
+    let tmp3 = tempfile::tempdir().unwrap();
+    let d3 = tmp3.path();
+    build(d3, false);
+    std::fs::rename(d3.join("mid.qcow2"), d3.join("real-mid.qcow2")).unwrap();
+    std::os::unix::fs::symlink("real-mid.qcow2", d3.join("mid.qcow2")).unwrap();
+    let plan = plan_delete_layer(&d3.join("top.qcow2"), &d3.join("mid.qcow2")).unwrap();
+    assert_eq!(plan.fold_bytes, None, "{plan:?}");
 
     // A child with more data than the layer gives it streams (and the layer is removed).
     let tmp = tempfile::tempdir().unwrap();

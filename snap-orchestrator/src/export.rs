@@ -370,6 +370,7 @@ impl SourceView {
                 (image.to_path_buf(), Some(name.as_str()), true)
             }
             ViewSpec::Layer(layer) => {
+                snap_backend_qcow2::external::refuse_half_folded(layer)?;
                 let want = std::fs::canonicalize(layer)
                     .map_err(|e| Error::io("open layer", e).with_path(layer))?;
                 let files = chain_files(format, image)?;
