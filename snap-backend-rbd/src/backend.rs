@@ -519,7 +519,10 @@ impl RbdBackend {
         let target = target.clone().inherit_cluster(&self.spec);
         if let Ok(info) = self.info_of(&target).await
             && info.parent.as_ref().is_some_and(|p| {
-                p.image == self.spec.image() && p.pool == self.spec.pool() && p.snapshot == snap
+                p.image == self.spec.image()
+                    && p.pool == self.spec.pool()
+                    && p.namespace.as_deref() == self.spec.namespace()
+                    && p.snapshot == snap
             })
         {
             return Ok(target);

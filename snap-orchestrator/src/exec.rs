@@ -329,7 +329,7 @@ impl Step {
     }
 
     /// A snapshot-taking step of a create (the point of no return).
-    fn takes_snapshots(&self) -> bool {
+    pub fn takes_snapshots(&self) -> bool {
         matches!(
             self,
             Step::QmpSnapshots { .. } | Step::OfflineSnapshot { .. } | Step::SwitchRbd { .. }
@@ -691,8 +691,17 @@ impl<'a> Exec<'a> {
                 }
             }
             Step::DeleteRbdSnapshot { image, name, .. } => {
-                if has_internal(Backend::Rbd, image, name).await {
-                    RbdBackend::new(image)?.delete_snapshot(name).await?;
+                let rbd = RbdBackend::new(image)?;
+                // Gone already (image or snapshot) is done; any other failure is an error.
+                if rbd.exists().await?
+                    && rbd
+                        .list_detailed()
+                        .await?
+                        .snapshots
+                        .iter()
+                        .any(|s| &s.name == name)
+                {
+                    rbd.delete_snapshot(name).await?;
                 }
             }
             Step::RemoveMemory { path } => {
@@ -949,11 +958,19 @@ impl<'a> Exec<'a> {
                 Step::OfflineSnapshot { name, disk } if !disk_taken(disk, name).await => {
                     return false;
                 }
-                Step::SwitchRbd { disk, .. } => {
+                Step::SwitchRbd { name, disk } => {
                     if self.ctl.is_none() {
                         match self.driver.attach(&self.rec).await {
                             Ok(c) => self.ctl = Some(c),
-                            Err(_) => return false,
+                            // QEMU is gone: the clone decides. Once it exists the guest may have
+                            // written to it (or, paused since the snapshot, wrote nothing after
+                            // it): either way it is the disk now, never to be removed.
+                            Err(_) => {
+                                if rbd_clone_made(disk, name).await {
+                                    continue;
+                                }
+                                return false;
+                            }
                         }
                     }
                     let node = self.node(&disk.vdev);
@@ -981,6 +998,20 @@ async fn has_internal(backend: Backend, image: &Path, name: &str) -> bool {
     match layers::listing(backend, image).await {
         Ok(l) => l.snapshots.iter().any(|s| s.name == name),
         Err(_) => false,
+    }
+}
+
+/// Whether the clone of an RBD switch exists and hangs off the image's snapshot `name`.
+async fn rbd_clone_made(d: &DiskAction, name: &str) -> bool {
+    let Some(clone) = &d.overlay else {
+        return false;
+    };
+    match layers::backing_of(Backend::Rbd, clone).await {
+        Ok(Some(parent)) => {
+            layers::same_file(&parent, &d.image)
+                && RbdSpec::from_path(&parent).is_ok_and(|p| p.snapshot() == Some(name))
+        }
+        _ => false,
     }
 }
 

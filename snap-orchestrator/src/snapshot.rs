@@ -453,7 +453,7 @@ pub async fn create(ctx: &Ctx, domain: &str, name: &str, opts: &CreateOptions) -
     let last_disk = journal
         .steps
         .iter()
-        .rposition(|s| matches!(s, Step::QmpSnapshots { .. } | Step::OfflineSnapshot { .. }))
+        .rposition(Step::takes_snapshots)
         .unwrap_or(0);
     let mut exec = Exec::new(&lock, rec, driver, ctl, journal);
     exec.set_agent(agent);
