@@ -737,46 +737,39 @@ pub fn fold_layer_with<IO: BlockIo>(
     // Compressed clusters are read through the child alone (they never read its backing).
     let child = Qcow2Disk::new(child_image, None);
     let mut target = Qcow2Disk::new(layer_image, None);
-    let mut batch: Vec<(u64, ClusterSource)> = Vec::new();
-    let (mut batch_bytes, mut buffered, mut done) = (0u64, 0u64, 0u64);
-    let batch_limit = batch_bytes_arg.max(cs);
-    let mut items = work.into_iter().peekable();
-    while let Some((guest, mapping)) = items.next() {
-        match mapping {
-            Mapping::Normal { host } => {
-                batch.push((guest, ClusterSource::Copy(host)));
-                done += cs;
-            }
-            Mapping::Zero { .. } => batch.push((guest, ClusterSource::Zero)),
-            _ => {
-                let valid = (child.image.virtual_size() - guest).min(cs) as usize;
-                let mut content = vec![0u8; cs as usize];
-                child.read(guest, content.get_mut(..valid).unwrap_or_default())?;
-                batch.push((guest, ClusterSource::Bytes(content)));
-                buffered += cs;
-                done += cs;
-            }
-        }
-        batch_bytes += cs;
-        if batch_bytes >= batch_limit || buffered >= STREAM_BUFFER_BYTES || items.peek().is_none() {
-            target.write_clusters(std::mem::take(&mut batch), Some(copy_file.file()))?;
-            batch_bytes = 0;
-            buffered = 0;
-            if !progress(done.min(total), total) {
-                return Err(Error::new(
-                    ErrorKind::Cancelled,
-                    format!(
-                        "stopped after copying {done} of {total} bytes; {} reads as before, but {} is \
-                         half-written (no snapshot state any more) — run the same command again \
-                         to finish",
-                        plan.child.display(),
-                        plan.layer.display()
-                    ),
-                )
-                .with_path(image));
-            }
-        }
-    }
+    let work = work
+        .into_iter()
+        .map(|(guest, mapping)| {
+            let fill = match mapping {
+                Mapping::Normal { host } => Fill::Data(Some(host)),
+                Mapping::Zero { .. } => Fill::Zero,
+                _ => Fill::Data(None),
+            };
+            (guest, fill)
+        })
+        .collect();
+    write_in_batches(
+        &mut target,
+        work,
+        copy_file.file(),
+        batch_bytes_arg.max(cs),
+        total,
+        |_, guest, buf| child.read(guest, buf),
+        &mut progress,
+        |done| {
+            Error::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "stopped after copying {done} of {total} bytes; {} reads as before, but {} is \
+                     half-written (no snapshot state any more) — run the same command again to \
+                     finish",
+                    plan.child.display(),
+                    plan.layer.display()
+                ),
+            )
+            .with_path(image)
+        },
+    )?;
     target.image.io().flush()?;
     // The layer takes the child's place, with the child's owner and mode.
     let owner = Ownership::of(&plan.child)?;
@@ -828,7 +821,6 @@ pub fn delete_layer_with<IO: BlockIo>(
     let mut child = Qcow2Disk::new(child_image, backing);
     let cs = child.image.cluster_size();
     let total = plan.stream_bytes;
-    let mut done = 0u64;
     // Collect the work first (positions only), then stream it in bounded batches.
     let mut work: Vec<(u64, Fill)> = Vec::new();
     walk_stream(
@@ -842,44 +834,25 @@ pub fn delete_layer_with<IO: BlockIo>(
         },
     )?;
     let layer_io = FileIo::open(&plan.layer, false)?;
-    let copy_source = Some(layer_io.file());
-    let mut batch: Vec<(u64, ClusterSource)> = Vec::new();
-    let (mut batch_bytes, mut buffered) = (0u64, 0u64);
-    let batch_limit = batch_bytes_arg.max(cs);
-    let mut items = work.into_iter().peekable();
-    while let Some((guest, fill)) = items.next() {
-        match fill {
-            Fill::Zero => batch.push((guest, ClusterSource::Zero)),
-            Fill::Data(Some(offset)) => {
-                batch.push((guest, ClusterSource::Copy(offset)));
-                done += cs;
-            }
-            Fill::Data(None) => {
-                let valid = (child.image.virtual_size() - guest).min(cs) as usize;
-                let mut content = vec![0u8; cs as usize];
-                child.read(guest, content.get_mut(..valid).unwrap_or_default())?;
-                batch.push((guest, ClusterSource::Bytes(content)));
-                buffered += cs;
-                done += cs;
-            }
-        }
-        batch_bytes += cs;
-        if batch_bytes >= batch_limit || buffered >= STREAM_BUFFER_BYTES || items.peek().is_none() {
-            child.write_clusters(std::mem::take(&mut batch), copy_source)?;
-            batch_bytes = 0;
-            buffered = 0;
-            if !progress(done.min(total), total) {
-                return Err(Error::new(
-                    ErrorKind::Cancelled,
-                    format!(
-                        "stopped after copying {done} of {total} bytes; the chain is intact and unchanged for the \
-                         guest — run the same command again to finish"
-                    ),
-                )
-                .with_path(image));
-            }
-        }
-    }
+    write_in_batches(
+        &mut child,
+        work,
+        layer_io.file(),
+        batch_bytes_arg.max(cs),
+        total,
+        |child, guest, buf| child.read(guest, buf),
+        &mut progress,
+        |done| {
+            Error::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "stopped after copying {done} of {total} bytes; the chain is intact and \
+                     unchanged for the guest — run the same command again to finish"
+                ),
+            )
+            .with_path(image)
+        },
+    )?;
     // Relink the child to the layer's backing file (or none).
     let new_backing = match &plan.new_backing {
         Some(parent) => Some((
@@ -900,6 +873,57 @@ pub fn delete_layer_with<IO: BlockIo>(
         false
     };
     Ok(LayerDeleted { plan, removed })
+}
+
+/// Writes `work` into `target` in batches, one copy-on-write transaction each, of at most
+/// `batch_limit` bytes of guest data and at most [`STREAM_BUFFER_BYTES`] read into memory:
+/// `Fill::Data(Some(offset))` is one cluster of `copy_source` (copied in the kernel where the
+/// target's I/O allows), `Fill::Data(None)` a cluster read first through `read` (given the target
+/// as it is then), `Fill::Zero` a zero cluster. `progress` hears (done, total) data bytes after
+/// each batch; when it says stop, the result is `stopped(done)`.
+#[allow(clippy::too_many_arguments)]
+fn write_in_batches<IO: BlockIo>(
+    target: &mut Qcow2Disk<IO>,
+    work: Vec<(u64, Fill)>,
+    copy_source: &std::fs::File,
+    batch_limit: u64,
+    total: u64,
+    read: impl Fn(&Qcow2Disk<IO>, u64, &mut [u8]) -> Result<()>,
+    progress: &mut impl FnMut(u64, u64) -> bool,
+    stopped: impl Fn(u64) -> Error,
+) -> Result<()> {
+    let cs = target.image.cluster_size();
+    let size = target.image.virtual_size();
+    let mut batch: Vec<(u64, ClusterSource)> = Vec::new();
+    let (mut batch_bytes, mut buffered, mut done) = (0u64, 0u64, 0u64);
+    let mut items = work.into_iter().peekable();
+    while let Some((guest, fill)) = items.next() {
+        match fill {
+            Fill::Zero => batch.push((guest, ClusterSource::Zero)),
+            Fill::Data(Some(offset)) => {
+                batch.push((guest, ClusterSource::Copy(offset)));
+                done += cs;
+            }
+            Fill::Data(None) => {
+                let valid = (size - guest).min(cs) as usize;
+                let mut content = vec![0u8; cs as usize];
+                read(target, guest, content.get_mut(..valid).unwrap_or_default())?;
+                batch.push((guest, ClusterSource::Bytes(content)));
+                buffered += cs;
+                done += cs;
+            }
+        }
+        batch_bytes += cs;
+        if batch_bytes >= batch_limit || buffered >= STREAM_BUFFER_BYTES || items.peek().is_none() {
+            target.write_clusters(std::mem::take(&mut batch), Some(copy_source))?;
+            batch_bytes = 0;
+            buffered = 0;
+            if !progress(done.min(total), total) {
+                return Err(stopped(done));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The byte ranges of `file` (of length `len`) that hold data, from SEEK_DATA/SEEK_HOLE; the whole
