@@ -691,17 +691,9 @@ impl<'a> Exec<'a> {
                 }
             }
             Step::DeleteRbdSnapshot { image, name, .. } => {
-                let rbd = RbdBackend::new(image)?;
                 // Gone already (image or snapshot) is done; any other failure is an error.
-                if rbd.exists().await?
-                    && rbd
-                        .list_detailed()
-                        .await?
-                        .snapshots
-                        .iter()
-                        .any(|s| &s.name == name)
-                {
-                    rbd.delete_snapshot(name).await?;
+                if layers::rbd_has_snapshot(image, name).await? {
+                    RbdBackend::new(image)?.delete_snapshot(name).await?;
                 }
             }
             Step::RemoveMemory { path } => {

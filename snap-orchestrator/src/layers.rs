@@ -321,6 +321,19 @@ pub async fn fresh_rbd_overlay(
     ))
 }
 
+/// Whether RBD image `image` holds snapshot `name`: false when the image is gone, an error when
+/// rbd cannot tell (its pool missing, the cluster unreachable).
+pub async fn rbd_has_snapshot(image: &Path, name: &str) -> Result<bool> {
+    let rbd = RbdBackend::new(image)?;
+    Ok(rbd.exists().await?
+        && rbd
+            .list_detailed()
+            .await?
+            .snapshots
+            .iter()
+            .any(|s| s.name == name))
+}
+
 /// Removes an abandoned layer: a file, or an RBD image once no client has it open (a QEMU
 /// that was just stopped). Gone already is fine; an RBD image with snapshots is refused by rbd.
 pub async fn remove_layer(path: &Path) -> Result<()> {

@@ -101,15 +101,6 @@ fn frozen_by(rec: &DomainRecord, vdev: &str, path: &Path) -> Option<String> {
         .map(|s| s.name.clone())
 }
 
-/// Whether `image` holds snapshot `name` (an RBD image that is gone holds none).
-async fn has_snapshot(backend: Backend, image: &Path, name: &str) -> Result<bool> {
-    match layers::listing(backend, image).await {
-        Ok(l) => Ok(l.snapshots.iter().any(|s| s.name == name)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Whether a snapshot record points at `path` for `vdev` (as layer or internal holder).
 fn referenced(rec: &DomainRecord, vdev: &str, path: &Path) -> bool {
     rec.snapshots.iter().any(|s| {
@@ -600,7 +591,7 @@ pub async fn revert(ctx: &Ctx, domain: &str, name: &str, end: EndState) -> Resul
             DiskKind::External if backend == Backend::Rbd => {
                 // A new clone of the image's snapshot becomes the disk.
                 let inner = d.snapshot.clone().unwrap_or_else(|| name.to_string());
-                if !has_snapshot(backend, &d.path, &inner).await? {
+                if !layers::rbd_has_snapshot(&d.path, &inner).await? {
                     return Err(Error::not_found(format!(
                         "disk {}: snapshot {name}'s RBD snapshot {inner} is missing",
                         d.vdev
