@@ -677,8 +677,9 @@ pub fn delete_layer_in_batches(
     progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<LayerDeleted> {
     let mut progress = progress;
-    if plan_delete_layer(image, layer)?.folds() {
-        match fold_layer_with(image, layer, batch_bytes, &mut progress, |io| io) {
+    let plan = plan_delete_layer(image, layer)?;
+    if plan.folds() {
+        match fold_planned(image, plan.clone(), batch_bytes, &mut progress, |io| io) {
             // Something holds the layer (e.g. a QEMU reading it): nothing was written; stream.
             Err(e) if e.kind() == ErrorKind::InUse => {
                 tracing::debug!("no fold: {e}");
@@ -686,7 +687,7 @@ pub fn delete_layer_in_batches(
             other => return other,
         }
     }
-    delete_layer_with(image, layer, batch_bytes, progress, |io| io)
+    stream_planned(image, plan, batch_bytes, progress, |io| io)
 }
 
 /// Deletes backing layer `layer` by folding its child into it: every cluster the child has
@@ -702,10 +703,21 @@ pub fn fold_layer_with<IO: BlockIo>(
     image: &Path,
     layer: &Path,
     batch_bytes_arg: u64,
-    mut progress: impl FnMut(u64, u64) -> bool,
+    progress: impl FnMut(u64, u64) -> bool,
     wrap: impl FnOnce(FileIo) -> IO,
 ) -> Result<LayerDeleted> {
     let plan = plan_delete_layer(image, layer)?;
+    fold_planned(image, plan, batch_bytes_arg, progress, wrap)
+}
+
+/// [`fold_layer_with`] on a plan already made.
+fn fold_planned<IO: BlockIo>(
+    image: &Path,
+    plan: LayerPlan,
+    batch_bytes_arg: u64,
+    mut progress: impl FnMut(u64, u64) -> bool,
+    wrap: impl FnOnce(FileIo) -> IO,
+) -> Result<LayerDeleted> {
     let Some(total) = plan.fold_bytes.filter(|_| plan.other_users.is_empty()) else {
         return Err(Error::unsupported(format!(
             "{} cannot be folded into {} (see `disk delete --layer --dry-run`)",
@@ -799,10 +811,21 @@ pub fn delete_layer_with<IO: BlockIo>(
     image: &Path,
     layer: &Path,
     batch_bytes_arg: u64,
-    mut progress: impl FnMut(u64, u64) -> bool,
+    progress: impl FnMut(u64, u64) -> bool,
     wrap: impl FnOnce(FileIo) -> IO,
 ) -> Result<LayerDeleted> {
     let plan = plan_delete_layer(image, layer)?;
+    stream_planned(image, plan, batch_bytes_arg, progress, wrap)
+}
+
+/// [`delete_layer_with`] on a plan already made.
+fn stream_planned<IO: BlockIo>(
+    image: &Path,
+    plan: LayerPlan,
+    batch_bytes_arg: u64,
+    mut progress: impl FnMut(u64, u64) -> bool,
+    wrap: impl FnOnce(FileIo) -> IO,
+) -> Result<LayerDeleted> {
     // The child is written: lock it exclusively; the layer must not be written meanwhile.
     let (child_io, _child_lock) = open_locked(&plan.child, LockMode::Exclusive)?;
     let (_layer_io, _layer_lock) = open_locked(&plan.layer, LockMode::Shared)?;
