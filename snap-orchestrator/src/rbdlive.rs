@@ -18,9 +18,18 @@ use snap_core::{Error, Result};
 /// QEMU's longest node name.
 const MAX_NODE_NAME: usize = 31;
 
-/// The `file` child of node `node`: (its node name, its image as `rbd:...` when it is an rbd
-/// node).
-async fn file_child(qmp: &QmpClient, node: &str) -> Result<(String, Option<PathBuf>)> {
+/// A disk node and its `file` child, as QEMU has them now.
+struct FileChild {
+    /// The disk node's driver ("raw" for snapctl's RBD disks).
+    driver: String,
+    /// The child's node name.
+    name: String,
+    /// The child's image as `rbd:...` or QEMU's `json:` name, when it is an rbd node.
+    image: Option<PathBuf>,
+}
+
+/// Node `node` and its `file` child (one graph query and one node listing).
+async fn file_child(qmp: &QmpClient, node: &str) -> Result<FileChild> {
     let graph = qmp
         .execute_raw("x-debug-query-block-graph", Value::Null)
         .await?;
@@ -65,20 +74,30 @@ async fn file_child(qmp: &QmpClient, node: &str) -> Result<(String, Option<PathB
     let list = qmp
         .execute_raw("query-named-block-nodes", json!({"flat": true}))
         .await?;
-    let image = list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n.get("node-name").and_then(Value::as_str) == Some(name.as_str()))
+    let named = |want: &str| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(want))
+    };
+    let driver = named(node)
+        .and_then(|n| n.get("drv").and_then(Value::as_str))
+        .unwrap_or_default()
+        .to_string();
+    let image = named(&name)
         .filter(|n| n.get("drv").and_then(Value::as_str) == Some("rbd"))
         .and_then(|n| n.get("file").and_then(Value::as_str))
         .map(PathBuf::from);
-    Ok((name, image))
+    Ok(FileChild {
+        driver,
+        name,
+        image,
+    })
 }
 
 /// The RBD image QEMU's disk node `node` reads now, if it is an rbd image.
 pub async fn image_of(qmp: &QmpClient, node: &str) -> Result<Option<PathBuf>> {
-    Ok(file_child(qmp, node).await?.1)
+    Ok(file_child(qmp, node).await?.image)
 }
 
 /// A node name for the rbd node of `node`'s new image.
@@ -99,24 +118,17 @@ fn new_node_name(node: &str) -> String {
 /// already when the node reads `to`. The guest must be paused.
 pub async fn switch(qmp: &QmpClient, node: &str, to: &Path) -> Result<()> {
     let spec = RbdSpec::from_path(to)?;
-    let (old, image) = file_child(qmp, node).await?;
+    let FileChild {
+        driver,
+        name: old,
+        image,
+    } = file_child(qmp, node).await?;
     if image
         .as_deref()
         .is_some_and(|i| crate::layers::same_file(i, to))
     {
         return Ok(());
     }
-    let list = qmp
-        .execute_raw("query-named-block-nodes", json!({"flat": true}))
-        .await?;
-    let driver = list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))
-        .and_then(|n| n.get("drv").and_then(Value::as_str))
-        .unwrap_or_default()
-        .to_string();
     if driver != "raw" {
         return Err(Error::unsupported(format!(
             "QEMU's disk node {node:?} is {driver:?}, not a raw node over rbd; cannot move it to \
